@@ -1,0 +1,70 @@
+"""The ``czsl-bench`` command: a thin Click layer over the Python API.
+
+Sub-commands live in their own modules under ``czsl_bench.cli`` and are imported only when
+invoked, so ``czsl-bench --help`` and shell completion never import torch.
+
+Exit codes: 0 success, 1 a failed run or domain error (one line on stderr), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+# name -> "module:attribute"; add a sub-command by adding a line here and a module beside this file.
+SUBCOMMANDS: dict[str, str] = {
+    "evaluate": "czsl_bench.cli.evaluate:evaluate",
+}
+
+
+class LazyGroup(click.Group):
+    """Click's documented lazy-loading group: sub-commands import on first use."""
+
+    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            module, attr = self.lazy[name].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy=SUBCOMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "CZSL_BENCH"},
+)
+@click.version_option(package_name="czsl-bench")
+def cli() -> None:
+    """Compositional zero-shot learning benchmark: methods, datasets, one evaluator.
+
+    Shell completion: eval "$(_CZSL_BENCH_COMPLETE=bash_source czsl-bench)"
+    """
+
+
+def main() -> None:
+    """Console-script entry point: turns domain errors into one line and exit code 1."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(1)
+    except click.UsageError as exc:
+        exc.show()
+        sys.exit(2)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (ValueError, LookupError, OSError) as exc:
+        # Library errors are written to be read by a person: show the message, not the traceback.
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)

@@ -1,0 +1,1 @@
+"""Built-in method plugins (installed as ``czsl_bench.methods``): one file per method."""
