@@ -1,0 +1,252 @@
+"""Unit tests of ClusPro's clustering operations (spec-cluspro §8.9)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from czsl_bench.methods import clustering as cl
+
+
+def _problem(c: int, b: int, k: int, d: int, seed: int, mode: str = "paper"):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(b, d, generator=g, dtype=torch.float64)
+    protos = torch.randn(c, k, d, generator=g, dtype=torch.float64)
+    return cl.assignment_problem(feats, protos, mode=mode)
+
+
+# ---- optimal transport ----------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    c=st.integers(1, 4),
+    b=st.integers(2, 40),
+    k=st.integers(1, 8),
+    seed=st.integers(0, 10_000),
+    mode=st.sampled_from(["paper", "code"]),
+)
+def test_ot_plan_meets_both_marginals(c, b, k, seed, mode):
+    cost, weight, sim = _problem(c, b, k, 16, seed, mode)
+    res = cl.structured_ot(cost, weight, sim, eps=0.1, kappa=2.0 if mode == "code" else 1.0)
+    plan = res.plan
+    assert (plan >= 0).all()
+    torch.testing.assert_close(plan.sum(2), torch.full((c, b), 1.0 / b, dtype=plan.dtype), atol=1e-6, rtol=0)
+    torch.testing.assert_close(plan.sum(1), torch.full((c, k), 1.0 / k, dtype=plan.dtype), atol=1e-6, rtol=0)
+    assert cl.marginal_error(plan) < 1e-6
+
+
+@settings(max_examples=25, deadline=None)
+@given(c=st.integers(1, 4), b=st.integers(2, 40), k=st.integers(2, 8), seed=st.integers(0, 10_000),
+       kappa=st.sampled_from([0.0, 1.0, 2.0, 10.0]))
+def test_gcg_objective_never_increases(c, b, k, seed, kappa):
+    cost, weight, sim = _problem(c, b, k, 16, seed)
+    res = cl.structured_ot(cost, weight, sim, eps=0.1, kappa=kappa, max_outer=10)
+    trace = res.objective_trace
+    assert trace.shape == (res.n_outer + 1, c)
+    assert (trace[1:] <= trace[:-1] + 1e-12).all(), trace
+
+
+def test_gcg_strictly_improves_on_the_independent_plan():
+    cost, weight, sim = _problem(3, 32, 5, 16, 0)
+    res = cl.structured_ot(cost, weight, sim, eps=0.1, kappa=1.0)
+    assert (res.objective_trace[-1] < res.objective_trace[0] - 1e-4).all()
+
+
+def test_sinkhorn_matches_scipy_free_reference_on_small_problem():
+    # with kappa = 0 GCG must return the plain entropic OT plan: compare with a long
+    # textbook (non-log) Sinkhorn run in float64
+    cost, weight, sim = _problem(1, 6, 3, 8, 1)
+    res = cl.structured_ot(cost, weight, sim, eps=0.5, kappa=0.0)
+    kernel = torch.exp(-cost[0] / 0.5)
+    a, b = torch.full((6,), 1 / 6, dtype=torch.float64), torch.full((3,), 1 / 3, dtype=torch.float64)
+    u = torch.ones(6, dtype=torch.float64)
+    for _ in range(5000):
+        v = b / (kernel.T @ u)
+        u = a / (kernel @ v)
+    ref = u[:, None] * kernel * v[None]
+    torch.testing.assert_close(res.plan[0], ref, atol=1e-9, rtol=1e-6)
+
+
+def test_equipartition_is_batch_wide():
+    # all samples prefer prototype 0; equipartition still spreads the batch evenly over K
+    feats = torch.randn(30, 8, dtype=torch.float64)
+    protos = torch.zeros(1, 3, 8, dtype=torch.float64)
+    protos[0, 0] = feats.mean(0)
+    protos[0, 1:] = -feats.mean(0)
+    cost, weight, sim = cl.assignment_problem(feats, protos)
+    plan = cl.structured_ot(cost, weight, sim).plan
+    torch.testing.assert_close(plan.sum(1)[0], torch.full((3,), 1 / 3, dtype=torch.float64))
+
+
+def test_structure_term_matches_its_definition_and_gradient():
+    cost, weight, sim = _problem(2, 7, 3, 5, 3)
+    plan = torch.rand(2, 7, 3, dtype=torch.float64, requires_grad=True)
+    x = weight * plan
+    direct = torch.stack([-(sim * (x[i] @ x[i].T)).sum() for i in range(2)])
+    torch.testing.assert_close(cl._structure_term(plan, weight, sim), direct)
+    direct.sum().backward()
+    torch.testing.assert_close(cl._structure_grad(plan.detach(), weight, sim), plan.grad)
+
+
+def test_assignment_problem_paper_cost_is_minus_log_softmax():
+    feats = torch.randn(5, 4, dtype=torch.float64)
+    protos = torch.randn(2, 3, 4, dtype=torch.float64)
+    cost, weight, sim = cl.assignment_problem(feats, protos, mode="paper")
+    cos = F.normalize(feats, dim=-1) @ F.normalize(protos[1], dim=-1).T
+    torch.testing.assert_close(cost[1], -torch.log_softmax(cos, -1))
+    torch.testing.assert_close(weight.sum(-1), torch.ones(2, 5, dtype=torch.float64))
+    assert torch.diagonal(sim).abs().max() == 0
+    with pytest.raises(ValueError, match="unknown assignment mode"):
+        cl.assignment_problem(feats, protos, mode="nope")
+
+
+def test_gumbel_assignment_on_tiny_couplings_is_nearly_uniform():
+    # the released code's update assignment: on couplings ~1/(BK) it ignores the plan (§3.6.2)
+    plan = torch.full((1, 4000, 5), 1 / (4000 * 5), dtype=torch.float64)
+    plan[0, :, 0] *= 1.5  # the plan prefers prototype 0, Gumbel barely notices
+    idx = cl.gumbel_hard_assign(plan, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(idx.flatten(), minlength=5).double() / 4000
+    assert (freq - 0.2).abs().max() < 0.03
+
+
+# ---- EMA ------------------------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(c=st.integers(1, 6), k=st.integers(1, 6), n=st.integers(1, 20), seed=st.integers(0, 10_000),
+       mu=st.sampled_from([0.0, 0.5, 0.9, 0.99]), renorm=st.booleans())
+def test_ema_touches_only_assigned_prototypes(c, k, n, seed, mu, renorm):
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(c, k, 8, generator=g)
+    feats = torch.randn(n, 8, generator=g)
+    prim = torch.randint(c, (n,), generator=g)
+    assign = torch.randint(k, (n,), generator=g)
+    new, touched = cl.ema_update(protos, feats, prim, assign, mu, renormalize=renorm)
+    expected = torch.zeros(c, k, dtype=torch.bool)
+    expected[prim, assign] = True
+    assert torch.equal(touched, expected)
+    assert torch.equal(new[~touched], protos[~touched])
+    for ci, ki in expected.nonzero().tolist():
+        sel = (prim == ci) & (assign == ki)
+        mean = F.normalize(feats[sel].sum(0), dim=0)
+        ref = mu * protos[ci, ki] + (1 - mu) * mean
+        if renorm:
+            ref = F.normalize(ref, dim=0)
+        torch.testing.assert_close(new[ci, ki], ref)
+
+
+def test_ema_from_zero_grows_like_one_minus_mu_power():
+    # the code variant: zero init, no re-normalisation, so |p| = 1 - mu^n for a fixed direction
+    protos = torch.zeros(1, 1, 4)
+    f = torch.tensor([[3.0, 0.0, 0.0, 0.0]])
+    for _ in range(10):
+        protos, _ = cl.ema_update(protos, f, torch.tensor([0]), torch.tensor([0]), 0.9, renormalize=False)
+    assert protos.norm().item() == pytest.approx(1 - 0.9**10, rel=1e-5)
+
+
+def test_seed_prototypes_initialises_each_primitive_once():
+    protos = torch.zeros(3, 2, 4)
+    init = torch.zeros(3, dtype=torch.bool)
+    feats = torch.randn(5, 4)
+    prim = torch.tensor([0, 0, 2, 2, 2])
+    g = torch.Generator().manual_seed(0)
+    p1, init1 = cl.seed_prototypes(protos, init, feats, prim, generator=g)
+    assert init1.tolist() == [True, False, True]
+    assert torch.equal(p1[1], protos[1])
+    torch.testing.assert_close(p1[[0, 2]].norm(dim=-1), torch.ones(2, 2))
+    p2, _ = cl.seed_prototypes(p1, init1, torch.randn(5, 4), prim, generator=g)
+    assert torch.equal(p2, p1)
+
+
+# ---- L_PCL ----------------------------------------------------------------------------------
+
+
+def test_pcl_targets_index_the_own_block():
+    n_attr, n_obj, k = 4, 7, 3
+    attr = torch.tensor([0, 3, 2, 3])
+    obj = torch.tensor([6, 0, 5, 1])
+    assign_a = torch.tensor([0, 2, 1, 2])
+    assign_o = torch.tensor([1, 0, 2, 0])
+    ta = cl.pcl_targets(attr, assign_a, k)
+    to = cl.pcl_targets(obj, assign_o, k)
+    assert ((0 <= ta) & (ta < n_attr * k)).all() and ((0 <= to) & (to < n_obj * k)).all()
+    # the target column holds exactly the assigned prototype after the concatenation
+    pa = torch.randn(n_attr, k, 5)
+    po = torch.randn(n_obj, k, 5)
+    attr_side = torch.cat([pa.reshape(-1, 5), po.reshape(-1, 5)])
+    obj_side = torch.cat([po.reshape(-1, 5), pa.reshape(-1, 5)])
+    for i in range(4):
+        assert torch.equal(attr_side[ta[i]], pa[attr[i], assign_a[i]])
+        assert torch.equal(obj_side[to[i]], po[obj[i], assign_o[i]])
+
+
+def test_pcl_matches_explicit_formula():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(3, 6, generator=g)
+    own = torch.randn(4, 6, generator=g)
+    other = torch.randn(5, 6, generator=g)
+    targets = torch.tensor([0, 3, 2])
+    tau = 0.1
+    loss = cl.prototype_contrastive_loss(feats, own, other, targets, tau)
+    allp = F.normalize(torch.cat([own, other]), dim=-1)
+    manual = 0.0
+    for i in range(3):
+        s = F.normalize(feats[i], dim=0) @ allp.T / tau
+        manual += -(s[targets[i]] - torch.logsumexp(s, 0))
+    assert loss.item() == pytest.approx(manual.item() / 3, rel=1e-5)
+    # per-sample copies (code variant) give the same value when the copies are identical
+    per_sample = cl.prototype_contrastive_loss(
+        feats, own.expand(3, -1, -1), other.expand(3, -1, -1), targets, tau
+    )
+    assert per_sample.item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+# ---- nHSIC ----------------------------------------------------------------------------------
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(4, 64), d=st.integers(2, 32), seed=st.integers(0, 10_000))
+def test_nhsic_of_x_with_itself_is_one(n, d, seed):
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    assert cl.nhsic(x, x).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_nhsic_of_independent_inputs_is_near_zero():
+    g = torch.Generator().manual_seed(0)
+    # the one-sided centring of the released statistic leaves a positive O(1/N) bias, so the
+    # check uses a batch large enough for it to be small (N = 1024: bias ~ 0.01)
+    x = torch.randn(1024, 8, generator=g)
+    y = torch.randn(1024, 8, generator=g)
+    assert abs(cl.nhsic(x, y).item()) < 0.03
+    # and a shuffled copy of a dependent pair loses its dependence
+    z = x + 0.1 * torch.randn(1024, 8, generator=g)
+    assert cl.nhsic(x, z).item() > 0.8
+    assert abs(cl.nhsic(x, z[torch.randperm(1024, generator=g)]).item()) < 0.03
+
+
+def test_nhsic_is_differentiable_and_rejects_unpaired_inputs():
+    x = torch.randn(16, 4, requires_grad=True)
+    y = torch.randn(16, 4)
+    cl.nhsic(x, y).backward()
+    assert torch.isfinite(x.grad).all()
+    with pytest.raises(ValueError, match="paired samples"):
+        cl.nhsic(torch.randn(3, 2), torch.randn(4, 2))
+
+
+# ---- diagnostics ----------------------------------------------------------------------------
+
+
+def test_participation_ratio_and_offdiag_cosine_extremes():
+    eye = torch.eye(5)[None]  # 5 orthogonal prototypes
+    same = torch.ones(1, 5, 3)  # 5 identical prototypes
+    assert cl.participation_ratio(eye).item() == pytest.approx(5.0)
+    assert cl.participation_ratio(same).item() == pytest.approx(1.0)
+    assert cl.mean_offdiag_cosine(eye).item() == pytest.approx(0.0, abs=1e-6)
+    assert cl.mean_offdiag_cosine(same).item() == pytest.approx(1.0)
+    assert math.isnan(cl.mean_offdiag_cosine(torch.ones(2, 1, 3))[0].item())
