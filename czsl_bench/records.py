@@ -1,0 +1,497 @@
+"""Run records: one JSON file per (method, variant, dataset, setting, seed).
+
+A record holds everything needed to read a result later without the code that produced it: the run
+key, the fully resolved config, the evaluator's protocol version, metrics on validation and test,
+the chosen epoch and open-world threshold, timings, parameter counts and the environment.
+Published numbers from papers use the same schema with ``source: "paper"`` and a citation
+(``results/reported/``), so tables treat both alike.
+
+Files are written atomically (temp file, fsync, ``os.replace``) at a deterministic path, so a
+killed run leaves either the old file or none, and ``--skip-existing`` only has to ask whether the
+path holds a valid record. The JSON Schema for external tools ships as
+``czsl_bench/data/run_record.schema.json``; ``docs/results.md`` documents every field.
+
+Metrics are fractions in [0, 1] (tables multiply by 100), keyed by split and then by the
+evaluator's names: ``best_seen``, ``best_unseen``, ``best_hm``, ``auc``, ``attr_acc``, ``obj_acc``,
+``hm_seen``, ``hm_unseen``, ``bias``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+SCHEMA_VERSION = 1
+
+SETTINGS = ("closed", "open")
+SPLITS = ("val", "test")
+SOURCES = ("run", "paper")
+
+# The evaluator's metric names; all but `bias` (a calibration offset) are accuracies in [0, 1].
+METRICS = ("best_seen", "best_unseen", "best_hm", "auc", "attr_acc", "obj_acc", "hm_seen", "hm_unseen", "bias")
+HIGHER_IS_BETTER = {name: True for name in METRICS if name != "bias"}
+FRACTION_METRICS = tuple(name for name in METRICS if name != "bias")
+
+# Folder names under results/ that are not method names.
+RESERVED_NAMES = ("reported",)
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+# The packages whose versions change results; recorded in every run's environment.
+TRACKED_PACKAGES = ("czsl-bench", "torch", "torchvision", "open_clip_torch", "numpy", "scipy", "pandas")
+
+
+class RecordError(ValueError):
+    """A record is malformed: missing or ill-typed fields, or an unknown schema version."""
+
+
+@dataclass
+class RunRecord:
+    """One run (or one published row) of one method on one dataset in one setting.
+
+    ``seed`` is None for published rows, which report a mean over ``n_seeds`` runs (with
+    ``metrics_std`` where the paper gives it). ``variant`` names an ablation (``None`` = the
+    method as published). ``config``, ``environment`` and ``timings`` are free-form mappings whose
+    keys are documented in ``docs/results.md``.
+    """
+
+    method: str
+    dataset: str
+    setting: str
+    seed: int | None
+    metrics: dict[str, dict[str, float]]
+    variant: str | None = None
+    source: str = "run"
+    protocol: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    backbone: dict[str, Any] = field(default_factory=dict)
+    metrics_std: dict[str, dict[str, float]] = field(default_factory=dict)
+    n_seeds: int | None = None
+    n_images: dict[str, int] = field(default_factory=dict)
+    chosen_epoch: int | None = None
+    open_threshold: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    params: dict[str, int] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+    citation: str | None = None
+    provenance: dict[str, str] = field(default_factory=dict)
+    notes: str | None = None
+    created: str = field(default_factory=lambda: _utc_now())
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation -----------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise :class:`RecordError` with one line naming the bad field and what it must be."""
+        for name in ("method", "dataset"):
+            check_name(getattr(self, name), name)
+        if self.variant is not None:
+            check_name(self.variant, "variant")
+        if self.setting not in SETTINGS:
+            raise RecordError(f"setting is {self.setting!r}; it must be one of {', '.join(SETTINGS)}")
+        if self.source not in SOURCES:
+            raise RecordError(f"source is {self.source!r}; it must be one of {', '.join(SOURCES)}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise RecordError(f"seed is {self.seed!r}; it must be a non-negative int (or null for published rows)")
+        if self.source == "run" and self.seed is None:
+            raise RecordError("a run record needs a seed; only published rows (source 'paper') may omit it")
+        if self.source == "paper" and not self.citation:
+            raise RecordError("a published row (source 'paper') needs a citation")
+        if not isinstance(self.schema_version, int) or self.schema_version < 1:
+            raise RecordError(f"schema_version is {self.schema_version!r}; it must be a positive int")
+        if self.schema_version > SCHEMA_VERSION:
+            raise RecordError(
+                f"schema_version {self.schema_version} is newer than this czsl-bench understands "
+                f"({SCHEMA_VERSION}); upgrade czsl-bench to read it"
+            )
+        _check_metrics(self.metrics, "metrics", require_split=True)
+        _check_metrics(self.metrics_std, "metrics_std", require_split=False)
+        for split_name, std_values in self.metrics_std.items():
+            missing = set(std_values) - set(self.metrics.get(split_name, {}))
+            if missing:
+                raise RecordError(f"metrics_std.{split_name} has {sorted(missing)} without a mean in metrics")
+        if self.open_threshold is not None and not _is_number(self.open_threshold):
+            raise RecordError(f"open_threshold is {self.open_threshold!r}; it must be a number or null")
+        if self.chosen_epoch is not None and (isinstance(self.chosen_epoch, bool) or not isinstance(self.chosen_epoch, int)):
+            raise RecordError(f"chosen_epoch is {self.chosen_epoch!r}; it must be an int or null")
+        for mapping_name in ("config", "backbone", "n_images", "timings", "params", "environment", "provenance"):
+            if not isinstance(getattr(self, mapping_name), dict):
+                raise RecordError(f"{mapping_name} must be a JSON object, got {type(getattr(self, mapping_name)).__name__}")
+        for key, value in self.params.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise RecordError(f"params.{key} is {value!r}; it must be a non-negative int")
+        for key, value in self.timings.items():
+            if not _is_number(value) or value < 0:
+                raise RecordError(f"timings.{key} is {value!r}; it must be a non-negative number of seconds")
+
+    # -- identity -------------------------------------------------------------------------------
+    @property
+    def key(self) -> tuple[str, str | None, str, str, int | None, str]:
+        """(method, variant, dataset, setting, seed, source): unique within a results tree."""
+        return (self.method, self.variant, self.dataset, self.setting, self.seed, self.source)
+
+    # -- (de)serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict, keys in a stable order (schema_version first)."""
+        data = {"schema_version": self.schema_version}
+        for f in dataclasses.fields(self):
+            if f.name != "schema_version":
+                data[f.name] = getattr(self, f.name)
+        data["higher_is_better"] = {m: HIGHER_IS_BETTER[m] for m in METRICS if m in HIGHER_IS_BETTER}
+        return data
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """The record as JSON text (NaN and infinities are refused: JSON has no such numbers)."""
+        try:
+            return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False,
+                              default=_json_default) + "\n"
+        except ValueError as exc:
+            raise RecordError(f"record {self.describe()} holds a value JSON cannot store: {exc}") from None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunRecord":
+        """Build and validate a record from a parsed JSON object."""
+        if not isinstance(data, dict):
+            raise RecordError(f"a record must be a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        data.pop("higher_is_better", None)  # derived, written for external readers
+        if "schema_version" not in data:
+            raise RecordError("schema_version is missing; is this a czsl-bench run record?")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise RecordError(f"unknown field(s) {', '.join(unknown)}")
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise RecordError(f"missing field(s) {', '.join(missing)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise RecordError(str(exc)) from None
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunRecord":
+        """Parse and validate a record from JSON text."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RecordError(f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+        return cls.from_dict(data)
+
+    def describe(self) -> str:
+        variant = f"[{self.variant}]" if self.variant else ""
+        seed = f"seed {self.seed}" if self.seed is not None else self.source
+        return f"{self.method}{variant} on {self.dataset} ({self.setting}, {seed})"
+
+
+# -- validation helpers ----------------------------------------------------------------------------
+
+
+def check_name(value: Any, what: str) -> str:
+    """A method/dataset/variant name must be a safe single path component."""
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise RecordError(
+            f"{what} {value!r} is not a valid name: use letters, digits and . _ + - "
+            "(no slashes or spaces, not starting with a dot)"
+        )
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_metrics(metrics: Any, where: str, require_split: bool) -> None:
+    if not isinstance(metrics, dict):
+        raise RecordError(f"{where} must be a JSON object of split -> metric -> value")
+    if require_split and not metrics:
+        raise RecordError(f"{where} is empty; a record needs metrics for at least one of {', '.join(SPLITS)}")
+    for split_name, values in metrics.items():
+        if split_name not in SPLITS:
+            raise RecordError(f"{where} has split {split_name!r}; splits are {', '.join(SPLITS)}")
+        if not isinstance(values, dict):
+            raise RecordError(f"{where}.{split_name} must be a JSON object of metric -> value")
+        for name, value in values.items():
+            if name not in METRICS:
+                raise RecordError(f"{where}.{split_name} has unknown metric {name!r}; known: {', '.join(METRICS)}")
+            if not _is_number(value):
+                raise RecordError(f"{where}.{split_name}.{name} is {value!r}; it must be a finite number")
+            if name in FRACTION_METRICS and not 0.0 <= value <= 1.0:
+                raise RecordError(
+                    f"{where}.{split_name}.{name} is {value}; metrics are fractions in [0, 1] "
+                    "(divide percentages by 100)"
+                )
+
+
+def _json_default(value: Any) -> Any:
+    # numpy / torch scalars and paths sneak into configs and metrics; store them as plain JSON.
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        from czsl_bench.config import config_to_dict
+
+        return config_to_dict(value)
+    if isinstance(value, (set, frozenset, tuple)):
+        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+# -- paths ------------------------------------------------------------------------------------------
+
+
+def record_path(
+    results_dir: str | Path,
+    method: str,
+    dataset: str,
+    setting: str,
+    seed: int,
+    variant: str | None = None,
+) -> Path:
+    """``<results_dir>/<method>/<dataset>/<setting>/seed<k>.json``; an ablation variant adds a folder.
+
+    Variants go to ``<results_dir>/<method>/<dataset>/<setting>/variants/<variant>/seed<k>.json``,
+    so the published configuration and its ablations never share a file and the path depends on
+    nothing but the run key.
+    """
+    check_name(method, "method")
+    check_name(dataset, "dataset")
+    if method in RESERVED_NAMES:
+        raise RecordError(f"method name {method!r} is reserved for results/{method}/; rename the method")
+    if setting not in SETTINGS:
+        raise RecordError(f"setting is {setting!r}; it must be one of {', '.join(SETTINGS)}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise RecordError(f"seed is {seed!r}; it must be a non-negative int")
+    base = Path(results_dir) / method / dataset / setting
+    if variant is not None:
+        base = base / "variants" / check_name(variant, "variant")
+    return base / f"seed{seed}.json"
+
+
+def reported_path(reported_dir: str | Path, method: str, dataset: str, setting: str) -> Path:
+    """Where a published row lives: ``<reported_dir>/<method>__<dataset>__<setting>.json``."""
+    check_name(method, "method")
+    check_name(dataset, "dataset")
+    if setting not in SETTINGS:
+        raise RecordError(f"setting is {setting!r}; it must be one of {', '.join(SETTINGS)}")
+    return Path(reported_dir) / f"{method}__{dataset}__{setting}.json"
+
+
+def path_for(record: RunRecord, results_dir: str | Path) -> Path:
+    """The deterministic path of ``record`` under ``results_dir`` (runs) or itself (paper rows)."""
+    if record.source == "paper":
+        return reported_path(results_dir, record.method, record.dataset, record.setting)
+    assert record.seed is not None  # validated: runs always have a seed
+    return record_path(results_dir, record.method, record.dataset, record.setting, record.seed, record.variant)
+
+
+# -- writing and reading ----------------------------------------------------------------------------
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` so readers see the old file or the complete new one, never half.
+
+    The temp file lives in the target folder (``os.replace`` is atomic only within a filesystem)
+    and is flushed and fsynced before the rename; a failure removes it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not supported on every OS/filesystem (e.g. Windows), so best effort.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_record(record: RunRecord, results_dir: str | Path) -> Path:
+    """Validate ``record`` and write it atomically at its deterministic path; returns the path."""
+    record.validate()
+    return atomic_write_text(path_for(record, results_dir), record.to_json())
+
+
+def read_record(path: str | Path) -> RunRecord:
+    """Read one record; a malformed file raises :class:`RecordError` naming the file."""
+    path = Path(path)
+    try:
+        return _read(path)
+    except RecordError as exc:
+        raise RecordError(f"{path}: {exc}") from None
+
+
+def _read(path: Path) -> RunRecord:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RecordError("not UTF-8 text") from None
+    return RunRecord.from_json(text)
+
+
+def is_finished(path: str | Path) -> bool:
+    """True when ``path`` holds a valid record: what ``--skip-existing`` asks before running."""
+    try:
+        read_record(path)
+    except (OSError, RecordError):
+        return False
+    return True
+
+
+def _warn_skip(path: Path, reason: str) -> None:
+    warnings.warn(f"skipping malformed record {path}: {reason}", stacklevel=3)
+
+
+def load_records(
+    directory: str | Path,
+    *,
+    exclude: Iterable[str] = (),
+    on_error: Callable[[Path, str], None] | None = None,
+) -> list[RunRecord]:
+    """Every record under ``directory`` (recursive ``*.json``), sorted by path.
+
+    A malformed file is reported through ``on_error(path, one_line_reason)`` (default: a
+    warning) and skipped, so one bad file never hides the others. Folder names in ``exclude``
+    directly under ``directory`` (e.g. ``"reported"``) are not read. A missing directory
+    gives an empty list.
+    """
+    directory = Path(directory)
+    report = on_error or _warn_skip
+    excluded = {directory / name for name in exclude}
+    records: list[RunRecord] = []
+    if not directory.is_dir():
+        return records
+    for path in sorted(directory.rglob("*.json")):
+        if any(parent in excluded for parent in path.parents) or path.name.startswith("."):
+            continue
+        try:
+            records.append(_read(path))
+        except (OSError, RecordError) as exc:
+            report(path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return records
+
+
+# -- environment ------------------------------------------------------------------------------------
+
+
+def package_versions(packages: Iterable[str] = TRACKED_PACKAGES) -> dict[str, str]:
+    """Installed version of each package, or "not installed"."""
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def git_revision(path: str | Path | None = None) -> dict[str, Any]:
+    """The commit of the checkout holding ``path`` (default: this package) and whether it is dirty.
+
+    Gives ``{"commit": "unknown", "dirty": None}`` outside a git checkout or without git.
+    """
+    cwd = Path(path) if path is not None else Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return {"commit": "unknown", "dirty": None}
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd, capture_output=True, text=True, timeout=20,
+        )
+        dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+        return {"commit": commit.stdout.strip(), "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "dirty": None}
+
+
+def describe_device(device: Any = None) -> dict[str, Any]:
+    """The compute device: ``{"type": "cuda", "name": "NVIDIA H100 ...", "cuda": "12.8"}`` or cpu.
+
+    Imports torch only if it is already imported (a run has it loaded; the CLI's cheap paths
+    must not pay for it).
+    """
+    info: dict[str, Any] = {"type": "cpu", "name": platform.processor() or platform.machine(),
+                            "cpu_count": os.cpu_count()}
+    torch = sys.modules.get("torch")
+    if torch is None:
+        if device is not None:
+            info["type"] = str(device)
+        return info
+    dev = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    )
+    info["type"] = dev.type
+    info["torch_threads"] = torch.get_num_threads()
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        info["name"] = torch.cuda.get_device_name(index)
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+        info["count"] = torch.cuda.device_count()
+    info["deterministic"] = bool(torch.are_deterministic_algorithms_enabled())
+    return info
+
+
+def environment(device: Any = None) -> dict[str, Any]:
+    """What produced a run: package versions, git revision, device, Python and platform."""
+    return {
+        "packages": package_versions(),
+        "git": git_revision(),
+        "device": describe_device(device),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+# -- schema file -------------------------------------------------------------------------------------
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a record file, as shipped in ``czsl_bench/data/run_record.schema.json``."""
+    text = resources.files("czsl_bench").joinpath("data/run_record.schema.json").read_text(encoding="utf-8")
+    return json.loads(text)
