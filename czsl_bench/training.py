@@ -1,0 +1,380 @@
+"""The shared trainer: one loop for every trainable method.
+
+It reads the training fields of the method's config (:class:`czsl_bench.method.TrainConfig`):
+epochs, optimizer, scheduler, batch size, gradient accumulation, AMP (CUDA only), gradient
+clipping, validation period and the model-selection metric. Around the method's
+``training_step`` it adds
+
+* a guard: a batch whose loss is NaN/inf is skipped (no backward) and counted, and an
+  optimizer step whose gradients are not finite is skipped and counted;
+* a checkpoint after every epoch (atomic write) holding parameters, optimizer, scheduler, AMP
+  scaler, RNG states, history and the best state so far; ``resume=True`` continues from it and
+  reaches the same final numbers as an uninterrupted run with the same seed (data order is a
+  pure function of (seed, epoch), RNG states are restored);
+* model selection: the harness passes ``validate(method) -> metrics``; the epoch with the best
+  ``select_metric`` (default ``auc``) is restored at the end and recorded.
+
+The trainer never evaluates by itself and never writes anything but its checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from czsl_bench.method import Method, NullProgress, RunContext, TrainConfig
+from czsl_bench.seeding import loader_generator, worker_init_fn
+
+CHECKPOINT_VERSION = 1
+LAST = "last.pt"
+
+Validate = Callable[[Method], dict[str, float]]
+
+
+@dataclass
+class EpochLog:
+    epoch: int  # 1-based
+    train_loss: float  # mean over finite batches (nan when none)
+    batches: int
+    skipped_nonfinite: int
+    lr: float
+    seconds: float
+    val: dict[str, float] | None = None
+
+
+@dataclass
+class FitResult:
+    """What training produced; the harness copies it into the run record."""
+
+    epochs: int  # epochs trained in total (including ones before a resume)
+    chosen_epoch: int  # the epoch whose state was restored (0 = the untrained state)
+    select_metric: str
+    best_value: float | None
+    nonfinite_steps: int  # batches skipped for a non-finite loss or gradient
+    resumed_from: int | None  # epoch the run resumed after, None if it started fresh
+    history: list[EpochLog] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def train_config(method: Method) -> TrainConfig:
+    """The method's config viewed as a :class:`TrainConfig` (missing fields take defaults)."""
+    cfg = method.config
+    if isinstance(cfg, TrainConfig):
+        return cfg
+    names = TrainConfig.__dataclass_fields__
+    return TrainConfig(**{k: getattr(cfg, k) for k in names if hasattr(cfg, k)})
+
+
+def config_fingerprint(method: Method, seed: int) -> str:
+    """Hash of what a checkpoint must agree with to be resumed: method, config, seed."""
+    from czsl_bench.config import config_to_dict
+
+    try:
+        cfg = config_to_dict(method.config)
+    except TypeError:
+        cfg = repr(method.config)
+    blob = json.dumps({"method": method.name, "config": cfg, "seed": seed}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Trainer:
+    """Runs the training loop of a :class:`Method` (see the module docstring).
+
+    ``stop_after`` ends training after that many epochs *in total* without finishing, as an
+    interrupted job would (tests use it to check resuming).
+    """
+
+    def __init__(self, *, device: torch.device | str = "cpu", seed: int = 0,
+                 validate: Validate | None = None, checkpoint_dir: str | os.PathLike | None = None,
+                 resume: bool = False, progress: Any = None, stop_after: int | None = None):
+        self.device = torch.device(device)
+        self.seed = seed
+        self.validate = validate
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.resume = resume
+        self.progress = progress or NullProgress()
+        self.stop_after = stop_after
+
+    # ------------------------------------------------------------------------------------------
+    def fit(self, method: Method, ctx: RunContext) -> FitResult:
+        cfg = train_config(method)
+        params = method.parameters()
+        if not params:
+            raise ValueError(f"method {method.name!r} has a training_step but no trainable parameters")
+        optimizer = _make_optimizer(cfg, params)
+        scheduler = _make_scheduler(cfg, optimizer)
+        use_amp = cfg.amp and self.device.type == "cuda"
+        amp_dtype = torch.float16 if cfg.amp_dtype == "float16" else torch.bfloat16
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+        fingerprint = config_fingerprint(method, self.seed)
+        history: list[EpochLog] = []
+        best_value: float | None = None
+        best_epoch = 0
+        best_state: dict[str, torch.Tensor] | None = None
+        nonfinite = 0
+        start_epoch = 0
+        resumed_from = None
+
+        if self.resume:
+            ckpt = self._load_checkpoint(fingerprint)
+            if ckpt is not None:
+                method.load_state_dict(ckpt["method"])
+                optimizer.load_state_dict(ckpt["optimizer"])
+                if scheduler is not None and ckpt["scheduler"] is not None:
+                    scheduler.load_state_dict(ckpt["scheduler"])
+                if ckpt["scaler"]:
+                    scaler.load_state_dict(ckpt["scaler"])
+                _set_rng_state(ckpt["rng"])
+                history = [EpochLog(**h) for h in json.loads(ckpt["history"])]
+                best_value = ckpt["best_value"]
+                best_epoch = ckpt["best_epoch"]
+                best_state = ckpt["best_state"]
+                nonfinite = ckpt["nonfinite"]
+                start_epoch = resumed_from = ckpt["epoch"]
+
+        select = cfg.select_metric
+        if select != "last" and self.validate is None:
+            select = "last"  # nothing to select on: keep the final state
+
+        dataset = method.train_dataset(ctx)
+        n_batches = math.ceil(len(dataset) / cfg.batch_size) if len(dataset) else 0
+        if n_batches == 0 and cfg.epochs > 0:
+            raise ValueError(f"method {method.name!r}: the training set is empty")
+        end_epoch = cfg.epochs if self.stop_after is None else min(cfg.epochs, self.stop_after)
+
+        with self.progress.task(f"{method.name}: epochs", total=cfg.epochs) as epoch_task:
+            epoch_task.advance(start_epoch)
+            for epoch in range(start_epoch + 1, end_epoch + 1):
+                log = self._train_epoch(method, ctx, cfg, dataset, optimizer, scaler, use_amp,
+                                        amp_dtype, epoch, params)
+                nonfinite += log.skipped_nonfinite
+                if scheduler is not None:
+                    scheduler.step()
+                if select != "last" and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
+                    log.val = self._validate(method, select)
+                    value = log.val[select]
+                    if best_value is None or value > best_value:  # strict: earliest best wins
+                        best_value, best_epoch = value, epoch
+                        best_state = _clone_state(method.state_dict())
+                history.append(log)
+                self._save_checkpoint(fingerprint, epoch, method, optimizer, scheduler, scaler,
+                                      history, best_value, best_epoch, best_state, nonfinite)
+                epoch_task.advance()
+
+        trained = history[-1].epoch if history else start_epoch
+        if select == "last" or best_state is None:
+            chosen = trained
+        else:
+            method.load_state_dict(best_state)
+            chosen = best_epoch
+        method.train_mode(False)
+        return FitResult(epochs=trained, chosen_epoch=chosen, select_metric=select,
+                         best_value=best_value, nonfinite_steps=nonfinite,
+                         resumed_from=resumed_from, history=history)
+
+    # ------------------------------------------------------------------------------------------
+    def _train_epoch(self, method, ctx, cfg, dataset, optimizer, scaler, use_amp, amp_dtype,
+                     epoch, params) -> EpochLog:
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
+                            generator=loader_generator(self.seed, epoch),
+                            num_workers=cfg.num_workers, worker_init_fn=worker_init_fn,
+                            persistent_workers=False)
+        method.train_mode(True)
+        optimizer.zero_grad(set_to_none=True)
+        total, finite_batches, skipped = 0.0, 0, 0
+        started = time.perf_counter()
+        n = len(loader)
+        with self.progress.task(f"epoch {epoch}/{cfg.epochs}", total=n) as task:
+            for i, batch in enumerate(loader):
+                batch = _to_device(batch, self.device)
+                with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
+                    loss = method.training_step(ctx, batch)
+                if not torch.isfinite(loss.detach()).all():
+                    skipped += 1  # no backward: a NaN would poison every parameter it touches
+                else:
+                    scaler.scale(loss / cfg.grad_accum).backward()
+                    total += float(loss.detach())
+                    finite_batches += 1
+                if (i + 1) % cfg.grad_accum == 0 or i + 1 == n:
+                    skipped += self._step(optimizer, scaler, params, cfg)
+                task.advance()
+        method.train_mode(False)
+        return EpochLog(epoch=epoch, train_loss=total / finite_batches if finite_batches else float("nan"),
+                        batches=n, skipped_nonfinite=skipped, lr=optimizer.param_groups[0]["lr"],
+                        seconds=time.perf_counter() - started)
+
+    @staticmethod
+    def _step(optimizer, scaler, params, cfg) -> int:
+        """One optimizer step; returns 1 if it was skipped for non-finite gradients."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:  # every micro-batch of this step was skipped
+            optimizer.zero_grad(set_to_none=True)
+            return 0
+        if scaler.is_enabled():
+            # GradScaler skips steps with inf/nan gradients itself and lowers its scale.
+            scaler.unscale_(optimizer)
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            return 0
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        if not torch.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            return 1
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return 0
+
+    def _validate(self, method: Method, select: str) -> dict[str, float]:
+        method.train_mode(False)
+        # Validation must not move the RNG streams training depends on, or a run validated
+        # every epoch and one validated less often (or resumed) would diverge.
+        state = _get_rng_state()
+        try:
+            metrics = self.validate(method)
+        finally:
+            _set_rng_state(state)
+        if select not in metrics:
+            raise ValueError(
+                f"select_metric {select!r} is not a validation metric; choose one of "
+                f"{', '.join(sorted(metrics))} or 'last'"
+            )
+        return {k: float(v) for k, v in metrics.items()}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _save_checkpoint(self, fingerprint, epoch, method, optimizer, scheduler, scaler, history,
+                         best_value, best_epoch, best_state, nonfinite) -> None:
+        if self.checkpoint_dir is None:
+            return
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "version": CHECKPOINT_VERSION,
+            "fingerprint": fingerprint,
+            "epoch": epoch,
+            "method": method.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+            "rng": _get_rng_state(),
+            "history": json.dumps([asdict(h) for h in history]),
+            "best_value": best_value,
+            "best_epoch": best_epoch,
+            "best_state": best_state,
+            "nonfinite": nonfinite,
+        }
+        target = self.checkpoint_dir / LAST
+        fd, tmp = tempfile.mkstemp(dir=self.checkpoint_dir, prefix=".last-", suffix=".pt.tmp")
+        os.close(fd)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _load_checkpoint(self, fingerprint: str) -> dict[str, Any] | None:
+        if self.checkpoint_dir is None:
+            return None
+        path = self.checkpoint_dir / LAST
+        if not path.exists():
+            return None
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise OSError(f"checkpoint {path} cannot be read ({type(exc).__name__}); "
+                          "delete it to start over") from None
+        if ckpt.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint {path} has format version {ckpt.get('version')}, expected "
+                             f"{CHECKPOINT_VERSION}; delete it to start over")
+        if ckpt.get("fingerprint") != fingerprint:
+            raise ValueError(f"checkpoint {path} was written with another method config or seed; "
+                             "delete it or run without --resume")
+        return ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+def _make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use adam, adamw or sgd")
+
+
+def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
+    if cfg.scheduler == "none":
+        return None
+    if cfg.scheduler == "step":
+        step = cfg.step_size or max(cfg.epochs // 5, 1)
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step, gamma=cfg.gamma)
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+    raise ValueError(f"unknown scheduler {cfg.scheduler!r}; use none, step or cosine")
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _clone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+            for k, v in state.items()}
+
+
+def _get_rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_as_tuple(v) for v in value)
+    if isinstance(value, tuple):
+        return tuple(_as_tuple(v) for v in value)
+    return value
