@@ -1,0 +1,95 @@
+"""The embedded synthetic CZSL world: the default dataset on a machine with no real data.
+
+15 attributes in three families (colour, pattern, state) x 14 objects in four families, 181
+feasible compositions, rendered procedurally (numpy + PIL) and written in the standard
+``compositional-split-natural`` format, so the same loader reads it as MIT-States. See
+``docs/synthetic-world.md``.
+
+    from czsl_bench.datasets.synthetic import plugin, SyntheticConfig, web_corpus
+    ds = plugin.load()                                   # generated and cached on first use
+    ds = plugin.load(config=SyntheticConfig(size="small", image_size=32))
+    images, captions, pairs = web_corpus(1000, seed=1, exclude_pairs=heldout_pairs())
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .generate import (SIZES, SyntheticConfig, default_cache_dir, ensure_world, generate, image_plan,
+                       web_corpus)
+from .splits import PairSplit, natural_split
+from .text import describe, descriptions, noisy_caption
+from .world import DEFAULT_WORLD, GENERATOR_VERSION, World
+
+if TYPE_CHECKING:
+    from ..czsl_format import CZSLDataset
+
+__all__ = [
+    "DEFAULT_WORLD", "GENERATOR_VERSION", "SIZES", "PairSplit", "SyntheticConfig", "SyntheticPlugin", "World",
+    "default_cache_dir", "describe", "descriptions", "ensure_world", "generate", "heldout_pairs", "image_plan",
+    "load", "natural_split", "noisy_caption", "plugin", "web_corpus",
+]
+
+
+def heldout_pairs(config: SyntheticConfig = SyntheticConfig(), world: World = DEFAULT_WORLD) -> list[tuple[str, str]]:
+    """The unseen validation and test pairs of ``config``'s split: what the web corpus leaves
+    out so that zero-shot recognition of them is a real test of composition."""
+    split = config.pair_split(world)
+    return sorted(split.val_unseen + split.test_unseen)
+
+
+class SyntheticPlugin:
+    """The ``synthetic`` dataset plugin (entry point ``czsl_bench.datasets: synthetic``)."""
+
+    name = "synthetic"
+    title = "Synthetic CZSL world (procedurally rendered, embedded)"
+
+    def config(self, **overrides: Any) -> SyntheticConfig:
+        """A :class:`SyntheticConfig` with ``overrides`` (e.g. ``size="small"``, ``image_size=32``)."""
+        return replace(SyntheticConfig(), **overrides)
+
+    def resolve_root(self, root: str | os.PathLike | None = None,
+                     config: SyntheticConfig | None = None) -> Path:
+        """Explicit ``root`` > ``$CZSL_CACHE/synthetic/<config-hash>`` > ``~/.cache/czsl-bench/...``."""
+        config = config or SyntheticConfig()
+        return Path(root).expanduser() if root else default_cache_dir() / config.hash()
+
+    def load(self, root: str | os.PathLike | None = None, config: SyntheticConfig | None = None,
+             **overrides: Any) -> CZSLDataset:
+        """Generate the world on first use (atomically, safe with concurrent callers) and load it.
+
+        An explicit ``root`` that already holds a world is read as it is; otherwise the world
+        for ``config`` (default: seed 0, size ``default``, 64 px) is generated there.
+        """
+        from ..czsl_format import CZSLDataset
+
+        config = replace(config or SyntheticConfig(), **overrides)
+        root = ensure_world(self.resolve_root(root, config), config)
+        return CZSLDataset.from_root(root, name=self.name)
+
+    def world_info(self, root: str | os.PathLike) -> dict:
+        """The ``world.json`` of a generated world (config, feasibility, split pairs, counts)."""
+        return json.loads((Path(root) / "world.json").read_text())
+
+    def info(self) -> dict[str, Any]:
+        """Name, vocabulary sizes and default cache location (JSON-friendly)."""
+        cfg = SyntheticConfig()
+        return {"name": self.name, "title": self.title, "generator_version": GENERATOR_VERSION,
+                "attrs": len(DEFAULT_WORLD.attrs), "objs": len(DEFAULT_WORLD.objs),
+                "feasible_pairs": len(DEFAULT_WORLD.feasible_pairs), "sizes": dict(SIZES),
+                "default_root": str(self.resolve_root(None, cfg)), "docs": "docs/synthetic-world.md"}
+
+    def __repr__(self) -> str:
+        return f"<dataset plugin {self.name!r} ({self.title})>"
+
+
+plugin = SyntheticPlugin()
+
+
+def load(root: str | os.PathLike | None = None, config: SyntheticConfig | None = None, **overrides: Any):
+    """Module-level shortcut for :meth:`SyntheticPlugin.load`."""
+    return plugin.load(root, config, **overrides)
