@@ -1,0 +1,486 @@
+"""The Python API behind ``czsl-bench run``: run methods on datasets, evaluate, write records.
+
+    import czsl_bench
+    record = czsl_bench.run("csp", "synthetic", seed=0)          # one RunRecord
+    records = czsl_bench.run("clip,csp", "synthetic", seed=[0, 1, 2], setting="both")  # a list
+
+One run = one (method, dataset, seed). Its steps, in order: seed everything → load the dataset
+(DATASETS registry) → load the backbone → ``method.prepare`` → ``method.fit`` (shared Trainer;
+the epoch is chosen on closed-world validation by the config's ``select_metric``, default AUC)
+→ score val and test → the evaluator (closed world: directly; open world: the feasibility
+threshold is searched on val and applied to test) → one :class:`~czsl_bench.records.RunRecord`
+per setting, written atomically at ``<results_dir>/<method>/<dataset>/<setting>/seed<k>.json``.
+Training is shared by the settings of one run: ``setting="both"`` trains once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from czsl_bench.records import RunRecord
+
+SETTINGS = ("closed", "open")
+DEFAULT_BACKBONE = ("ViT-L-14-quickgelu", "openai")
+# The embedded world ships its own tiny backbone so every path runs offline on a CPU.
+EMBEDDED_BACKBONES = {"synthetic": ("czsl-tiny-vit", "synthetic")}
+
+
+class RunError(RuntimeError):
+    """A run failed; the message names the run and the cause on one line."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One (method, dataset, seed) and the settings to evaluate it in."""
+
+    method: str
+    dataset: str
+    seed: int
+    settings: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"{self.method} on {self.dataset} (seed {self.seed}, {'+'.join(self.settings)})"
+
+
+@dataclass
+class RunOptions:
+    """Everything about a run that is not its key (shared by all runs of one call)."""
+
+    backbone: str | None = None
+    pretrained: str | None = None
+    overrides: Sequence[str] | dict[str, Any] | None = None
+    config_file: str | Path | None = None
+    ablation: str | None = None
+    results_dir: str | Path = "results"
+    skip_existing: bool = False
+    resume: bool = False
+    device: str = "auto"
+    deterministic: bool = False
+    threshold: float | None = None
+    data_root: str | Path | None = None
+    cache_dir: str | Path | None = None
+    write: bool = True
+    progress: Any = None
+    eval_batch_size: int = 256
+    num_workers: int = 0
+
+
+@dataclass
+class Outcome:
+    """What happened to one :class:`RunSpec`: records, or skipped, or an error line."""
+
+    spec: RunSpec
+    records: list[RunRecord] = field(default_factory=list)
+    skipped: bool = False
+    error: str | None = None
+    seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning
+# ----------------------------------------------------------------------------------------------
+def split_names(value: str | Iterable[str]) -> list[str]:
+    """``"a,b"`` or ``["a", "b"]`` → ``["a", "b"]`` (order kept, duplicates dropped)."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out: list[str] = []
+    for item in items:
+        item = str(item).strip()
+        if item and item not in out:
+            out.append(item)
+    return out
+
+
+def parse_seeds(value: int | str | Iterable[int]) -> list[int]:
+    """``0``, ``"0,1,2"``, ``"0-4"`` or ``[0, 1]`` → a list of non-negative ints."""
+    if isinstance(value, bool):
+        raise ValueError(f"seed {value!r} is not an integer")
+    if isinstance(value, int):
+        items: list[Any] = [value]
+    elif isinstance(value, str):
+        items = []
+        for part in value.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                lo, _, hi = part.partition("-")
+                try:
+                    items.extend(range(int(lo), int(hi) + 1))
+                except ValueError:
+                    raise ValueError(f"seed range {part!r} is not LOW-HIGH; write e.g. --seed 0-4") from None
+            elif part:
+                items.append(part)
+    else:
+        items = list(value)
+    seeds: list[int] = []
+    for item in items:
+        try:
+            seed = int(item)
+        except (TypeError, ValueError):
+            raise ValueError(f"seed {item!r} is not an integer; write e.g. --seed 0,1,2") from None
+        if seed < 0:
+            raise ValueError(f"seed {seed} is negative; seeds are non-negative integers")
+        if seed not in seeds:
+            seeds.append(seed)
+    if not seeds:
+        raise ValueError("no seed given; write e.g. --seed 0,1,2")
+    return seeds
+
+
+def parse_setting(setting: str) -> tuple[str, ...]:
+    if setting == "both":
+        return SETTINGS
+    if setting not in SETTINGS:
+        raise ValueError(f"setting {setting!r} is not closed, open or both")
+    return (setting,)
+
+
+def dataset_status(data_root: str | Path | None = None) -> tuple[list[str], dict[str, str]]:
+    """(datasets present on disk, {missing dataset: how to get it}) over the DATASETS registry."""
+    from czsl_bench.registry import DATASETS
+
+    present, missing = [], {}
+    for name in DATASETS.names():
+        try:
+            plugin = DATASETS.get(name)
+        except LookupError as exc:
+            missing[name] = str(exc)
+            continue
+        ok, how = _is_present(plugin, data_root)
+        if ok:
+            present.append(name)
+        else:
+            missing[name] = how
+    return present, missing
+
+
+def _is_present(plugin: Any, data_root: str | Path | None) -> tuple[bool, str]:
+    available = getattr(plugin, "is_available", None)
+    if callable(available):
+        return bool(available(data_root)), _fix_hint(plugin, data_root)
+    resolve = getattr(plugin, "resolve_root", None)
+    if callable(resolve):
+        root = Path(resolve(data_root))
+        if root.is_dir() and any(root.iterdir()):
+            return True, ""
+        return False, _fix_hint(plugin, data_root)
+    return True, ""  # a plugin that cannot tell: try it, a failure is then reported per run
+
+
+def _fix_hint(plugin: Any, data_root: str | Path | None) -> str:
+    hint = getattr(plugin, "fix_hint", None)
+    resolve = getattr(plugin, "resolve_root", None)
+    if callable(hint) and callable(resolve):
+        return hint(Path(resolve(data_root)))
+    return "see docs/datasets.md"
+
+
+def plan(method: str | Iterable[str], dataset: str | Iterable[str], seed: int | str | Iterable[int] = 0,
+         setting: str = "closed", data_root: str | Path | None = None
+         ) -> tuple[list[RunSpec], dict[str, str]]:
+    """Expand the run grid; ``dataset="all"`` means every dataset present on disk.
+
+    Returns the specs and, for ``all``, the datasets that were left out with how to get them.
+    Unknown method or dataset names raise one line with the known names.
+    """
+    from czsl_bench.registry import DATASETS, METHODS
+
+    methods = split_names(method)
+    if not methods:
+        raise ValueError("no method given; e.g. `czsl-bench run clip --dataset synthetic`")
+    for name in methods:
+        METHODS.get(name)  # unknown name → RegistryError listing the known ones
+    datasets = split_names(dataset)
+    missing: dict[str, str] = {}
+    if datasets == ["all"]:
+        datasets, missing = dataset_status(data_root)
+        if not datasets:
+            raise ValueError("no dataset is present on disk; `czsl-bench data prepare NAME` fetches one")
+    elif not datasets:
+        raise ValueError("no dataset given; e.g. --dataset synthetic")
+    else:
+        known = DATASETS.names()
+        for name in datasets:
+            if name not in known:
+                DATASETS.get(name)  # raises with close matches
+    seeds = parse_seeds(seed)
+    settings = parse_setting(setting)
+    specs = [RunSpec(m, d, s, settings) for m in methods for d in datasets for s in seeds]
+    return specs, missing
+
+
+# ----------------------------------------------------------------------------------------------
+# The public entry point
+# ----------------------------------------------------------------------------------------------
+def run(method: str | Iterable[str], dataset: str | Iterable[str], seed: int | str | Iterable[int] = 0,
+        setting: str = "closed", backbone: str | None = None, pretrained: str | None = None,
+        overrides: Sequence[str] | dict[str, Any] | None = None, results_dir: str | Path = "results",
+        skip_existing: bool = False, **options: Any) -> RunRecord | list[RunRecord]:
+    """Run, evaluate and record; see the module docstring.
+
+    Returns the one :class:`RunRecord` when the call asks for exactly one (method, dataset,
+    seed, setting), else the list of all records in grid order. Raises :class:`RunError` on the
+    first failed run. Further keyword options: those of :class:`RunOptions` (``ablation``,
+    ``resume``, ``device``, ``deterministic``, ``threshold``, ``data_root``, ``cache_dir``,
+    ``config_file``, ``write``, ``progress``).
+    """
+    unknown = set(options) - {f.name for f in dataclasses.fields(RunOptions)}
+    if unknown:
+        raise TypeError(f"run() got unknown option(s) {', '.join(sorted(unknown))}")
+    opts = RunOptions(backbone=backbone, pretrained=pretrained, overrides=overrides,
+                      results_dir=results_dir, skip_existing=skip_existing, **options)
+    specs, _ = plan(method, dataset, seed, setting, opts.data_root)
+    records: list[RunRecord] = []
+    for spec in specs:
+        outcome = execute(spec, opts)
+        if outcome.error is not None:
+            raise RunError(f"{spec.describe()} failed: {outcome.error}")
+        records.extend(outcome.records)
+    return records[0] if len(records) == 1 else records
+
+
+def execute(spec: RunSpec, opts: RunOptions) -> Outcome:
+    """Run one spec; errors become ``Outcome.error`` (one line) instead of propagating."""
+    from czsl_bench.records import is_finished, read_record, record_path
+
+    started = time.perf_counter()
+    paths = {s: record_path(opts.results_dir, spec.method, spec.dataset, s, spec.seed, opts.ablation)
+             for s in spec.settings}
+    if opts.skip_existing and all(is_finished(p) for p in paths.values()):
+        return Outcome(spec, [read_record(p) for p in paths.values()], skipped=True)
+    todo = tuple(s for s in spec.settings if not (opts.skip_existing and is_finished(paths[s])))
+    try:
+        records = _run_spec(dataclasses.replace(spec, settings=todo), opts)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # one run's failure must not stop a sweep; the CLI reports it
+        return Outcome(spec, error=_one_line(exc), seconds=time.perf_counter() - started)
+    done = {r.setting: r for r in records}
+    ordered = [done[s] if s in done else read_record(paths[s]) for s in spec.settings]
+    return Outcome(spec, ordered, seconds=time.perf_counter() - started)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    msg = text[0] if text else ""
+    return f"{type(exc).__name__}: {msg}" if not isinstance(exc, (ValueError, LookupError, OSError)) or not msg \
+        else msg
+
+
+# ----------------------------------------------------------------------------------------------
+# One run
+# ----------------------------------------------------------------------------------------------
+def resolve_method_config(method_cls: Any, dataset: str, overrides: Sequence[str] | dict[str, Any] | None,
+                          ablation: str | None = None, config_file: str | Path | None = None) -> Any:
+    """defaults(dataset) < config file < ablation overrides < ``--set`` overrides."""
+    from czsl_bench.config import ConfigError, apply_values, parse_overrides, resolve_config
+
+    cfg = resolve_config(method_cls.Config, dataset, (), config_file)
+    if ablation is not None:
+        variants = method_cls.ablations()
+        if ablation not in variants:
+            known = ", ".join(sorted(variants)) or "none"
+            raise ConfigError(f"method {method_cls.name!r} has no ablation {ablation!r}; known: {known}")
+        cfg = apply_values(cfg, variants[ablation])
+    if overrides:
+        values = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides), method_cls.Config)
+        cfg = apply_values(cfg, values)
+    return cfg
+
+
+def default_backbone(dataset: str, backbone: str | None, pretrained: str | None) -> tuple[str, str | None]:
+    """The backbone of a run: explicit values, else the dataset's embedded one, else ViT-L/14 OpenAI."""
+    arch, tag = EMBEDDED_BACKBONES.get(dataset, DEFAULT_BACKBONE)
+    if backbone is not None:
+        arch = backbone
+        tag = pretrained if pretrained is not None else (tag if arch == EMBEDDED_BACKBONES.get(dataset, DEFAULT_BACKBONE)[0] else "openai")
+    elif pretrained is not None:
+        tag = pretrained
+    return arch, (None if tag in (None, "none", "") else tag)
+
+
+def resolve_device(device: str) -> Any:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a torch device; use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
+    return dev
+
+
+def load_dataset(name: str, data_root: str | Path | None = None) -> Any:
+    from czsl_bench.registry import DATASETS
+
+    plugin = DATASETS.get(name)
+    if hasattr(plugin, "load"):
+        return plugin.load(data_root)
+    if callable(plugin):
+        return plugin(data_root)
+    raise TypeError(f"dataset plugin {name!r} has no load(root)")
+
+
+def _run_spec(spec: RunSpec, opts: RunOptions) -> list[RunRecord]:
+    import torch
+
+    from czsl_bench.config import config_to_dict
+    from czsl_bench.method import NullProgress, RunContext, check_method_class, parameter_counts
+    from czsl_bench.records import RunRecord, environment, write_record
+    from czsl_bench.registry import METHODS
+    from czsl_bench.seeding import seed_everything
+    from czsl_bench.training import Trainer
+
+    timings: dict[str, float] = {}
+    t_start = clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(timings.get(name, 0.0) + now - clock, 3)
+        clock = now
+
+    method_cls = METHODS.get(spec.method)
+    check_method_class(method_cls, f"method {spec.method!r}")
+    config = resolve_method_config(method_cls, spec.dataset, opts.overrides, opts.ablation, opts.config_file)
+    progress = opts.progress or NullProgress()
+    device = resolve_device(opts.device)
+    seed_info = seed_everything(spec.seed, opts.deterministic)
+
+    dataset = load_dataset(spec.dataset, opts.data_root)
+    lap("load_dataset")
+    arch, tag = default_backbone(spec.dataset, opts.backbone, opts.pretrained)
+    backbone = _load_backbone(arch, tag, device)
+    cache = _feature_cache(opts.cache_dir)
+    lap("load_backbone")
+
+    method = method_cls(config)
+    ctx = RunContext(dataset_name=spec.dataset, dataset=dataset, backbone=backbone, config=config,
+                     seed=spec.seed, device=device, setting="+".join(spec.settings), cache=cache,
+                     progress=progress, eval_batch_size=opts.eval_batch_size, num_workers=opts.num_workers)
+    with torch.no_grad():
+        method.prepare(ctx)
+    lap("prepare")
+
+    val_closed = ctx.split("val", "closed")
+
+    def validate(m: Any) -> dict[str, float]:
+        return _metrics(_evaluate(m, ctx, val_closed))
+
+    ctx.trainer = Trainer(device=device, seed=spec.seed, validate=validate, progress=progress,
+                          checkpoint_dir=_checkpoint_dir(opts, spec), resume=opts.resume)
+    fit = method.fit(ctx)
+    method.train_mode(False)
+    lap("fit")
+
+    params = parameter_counts(method, backbone)
+    base = dict(method=spec.method, dataset=spec.dataset, seed=spec.seed, variant=opts.ablation,
+                config=config_to_dict(config),
+                backbone={"arch": arch, "pretrained": tag, **_backbone_info(backbone)},
+                chosen_epoch=fit.chosen_epoch if fit is not None else None, params=params)
+    records: list[RunRecord] = []
+    for setting in spec.settings:
+        clock = time.perf_counter()
+        if setting == "closed":
+            val = _evaluate(method, ctx, val_closed)
+            test = _evaluate(method, ctx, ctx.split("test", "closed"))
+            threshold = None
+        else:
+            val, test, threshold = _evaluate_open(method, ctx, opts.threshold)
+        lap(f"evaluate_{setting}")
+        run_timings = {k: v for k, v in timings.items() if not k.startswith("evaluate_") or k == f"evaluate_{setting}"}
+        run_timings["total"] = round(time.perf_counter() - t_start, 3)
+        training = {"fit": fit.to_dict() if fit is not None else None}
+        record = RunRecord(
+            **base, setting=setting, protocol=test.protocol,
+            metrics={"val": _metrics(val), "test": _metrics(test)},
+            n_images={"val": val.n_images, "test": test.n_images},
+            open_threshold=threshold, timings=run_timings,
+            environment={**environment(device), "seed": {"seed": seed_info.seed, "deterministic": seed_info.deterministic},
+                         **training},
+        )
+        if opts.write:
+            write_record(record, opts.results_dir)
+        records.append(record)
+    return records
+
+
+def _checkpoint_dir(opts: RunOptions, spec: RunSpec) -> Path | None:
+    if not opts.write:
+        return None
+    variant = f"-{opts.ablation}" if opts.ablation else ""
+    return Path(opts.results_dir) / ".checkpoints" / f"{spec.method}{variant}" / spec.dataset / f"seed{spec.seed}"
+
+
+def _metrics(result: Any) -> dict[str, float]:
+    from czsl_bench.records import METRICS
+
+    out = {}
+    for name in METRICS:
+        value = getattr(result, name, None)
+        if value is not None:
+            out[name] = float(value)
+    return out
+
+
+def _evaluate(method: Any, ctx: Any, split: Any) -> Any:
+    """Score ``split`` with ``method`` and run the evaluator (dense or streamed)."""
+    import torch
+
+    from czsl_bench.evaluation import evaluate, evaluate_stream
+
+    with torch.no_grad():
+        scores = method.score(ctx, split)
+    if isinstance(scores, torch.Tensor):
+        _check_shape(scores, split, method)
+        return evaluate(scores.float().cpu(), split.labels, split.seen_mask, split.candidate_mask,
+                        split.pair_attr, split.pair_obj)
+    return evaluate_stream(scores, split.labels, split.seen_mask, split.candidate_mask,
+                           split.pair_attr, split.pair_obj, n_pairs=len(split.pairs))
+
+
+def _check_shape(scores: Any, split: Any, method: Any) -> None:
+    expected = (len(split), len(split.pairs))
+    if tuple(scores.shape) != expected:
+        raise ValueError(f"method {method.name!r} returned scores of shape {tuple(scores.shape)} for "
+                         f"{split.name}/{split.world}; expected {expected} (images x pairs)")
+
+
+def _evaluate_open(method: Any, ctx: Any, threshold: float | None) -> tuple[Any, Any, float]:
+    """Open world: search the feasibility threshold on val, apply it to test (spec §5.3)."""
+    from czsl_bench import evaluation
+
+    search = getattr(evaluation, "search_threshold", None)
+    if search is None:
+        raise NotImplementedError("open-world evaluation needs czsl_bench.evaluation.search_threshold, "
+                                  "which this installation lacks; run --setting closed")
+    raise NotImplementedError("open-world evaluation: adapter pending")
+
+
+def _load_backbone(arch: str, tag: str | None, device: Any) -> Any:
+    from czsl_bench.backbone import load_backbone
+
+    return load_backbone(arch, tag, device)
+
+
+def _feature_cache(cache_dir: str | Path | None) -> Any:
+    try:
+        from czsl_bench.cache import FeatureCache
+    except ImportError:
+        return None
+    return FeatureCache(cache_dir) if cache_dir is not None else FeatureCache()
+
+
+def _backbone_info(backbone: Any) -> dict[str, Any]:
+    info = {}
+    for name in ("weights_hash",):
+        value = getattr(backbone, name, None)
+        if value is not None:
+            info[name] = value() if callable(value) else value
+    return info

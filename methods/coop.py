@@ -1,0 +1,35 @@
+"""CoOp as implemented in the CSP codebase (spec-baselines §2).
+
+Prompt ``"a photo of [attr] [obj]"``: the three context vectors after start-of-text are
+learned (initialised from the embeddings of "a photo of", 3 × d parameters); the attribute and
+object vectors are the frozen mean token embeddings of the cleaned names. Loss, optimiser and
+hyper-parameters are CSP's (cross-entropy over the seen pairs, Adam, no scheduler). The CSP code
+applies no dropout to CoOp's frozen vocabulary, so neither does this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from czsl_bench.method import is_embedded
+
+from .soft_prompt import SoftPromptConfig, SoftPromptMethod, csp_training_defaults
+
+
+@dataclass
+class CoOpConfig(SoftPromptConfig):
+    @classmethod
+    def defaults(cls, dataset: str) -> CoOpConfig:
+        values = csp_training_defaults(dataset)
+        values.pop("attr_dropout")
+        if is_embedded(dataset):
+            values["lr"] = 2e-3  # 384 context parameters learn slower than CSP's vocabulary
+        return cls(**values)
+
+
+class CoOp(SoftPromptMethod):
+    name = "coop"
+    Config = CoOpConfig
+    learn_context = True
+    learn_vocab = False
+    use_dropout = False
