@@ -354,7 +354,8 @@ def evaluate_stream(blocks: BlockSource, gt_pair, seen_mask, candidate_mask=None
     callable returning such an iterable (re-iterable sources let rare float32 near-ties be
     resolved exactly by re-reading a few rows). ``n_pairs`` defaults to ``len(seen_mask)``.
     """
-    n_pairs = int(n_pairs if n_pairs is not None else len(seen_mask))
+    if n_pairs is None:
+        n_pairs = blocks.shape[1] if isinstance(blocks, torch.Tensor) and blocks.dim() == 2 else len(seen_mask)
     n_images = len(gt_pair)
     red = StreamingReducer(n_images, n_pairs, gt_pair, seen_mask, candidate_mask, pair_attr,
                            pair_obj, topk, margin=margin)
