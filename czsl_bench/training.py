@@ -54,6 +54,7 @@ class EpochLog:
     lr: float
     seconds: float
     val: dict[str, float] | None = None
+    diagnostics: dict[str, float] | None = None  # method.epoch_diagnostics(), when it has one
 
 
 @dataclass
@@ -166,7 +167,9 @@ class Trainer:
                                         amp_dtype, epoch, params)
                 nonfinite += log.skipped_nonfinite
                 if scheduler is not None:
-                    scheduler.step()
+                    # the released ClusPro code steps its scheduler twice per epoch (spec-cluspro §3.6.5)
+                    for _ in range(getattr(cfg, "scheduler_steps_per_epoch", 1)):
+                        scheduler.step()
                 if select != "last" and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
                     log.val = self._validate(method, select)
                     value = log.val[select]
@@ -216,9 +219,11 @@ class Trainer:
                     skipped += self._step(optimizer, scaler, params, cfg)
                 task.advance()
         method.train_mode(False)
+        diagnostics = getattr(method, "epoch_diagnostics", None)
         return EpochLog(epoch=epoch, train_loss=total / finite_batches if finite_batches else float("nan"),
                         batches=n, skipped_nonfinite=skipped, lr=optimizer.param_groups[0]["lr"],
-                        seconds=time.perf_counter() - started)
+                        seconds=time.perf_counter() - started,
+                        diagnostics=diagnostics() if callable(diagnostics) else None)
 
     @staticmethod
     def _step(optimizer, scaler, params, cfg) -> int:
