@@ -62,7 +62,7 @@ plugin = MITStates(
     manual_steps=(
         "download http://wednesday.csail.mit.edu/joseph_result/state_and_transformation/release_dataset.zip",
         "unzip release_dataset/images/* into <root>/images/ and replace spaces by '_' in the folder names",
-        "copy the split files and metadata from datasets/canonical/mit-states/ (or the TMN tarball) into <root>",
+        "copy the split files and metadata shipped in czsl_bench/datasets/canonical/mit-states/ (or from the TMN split tarball) into <root>",
     ),
     size_note="release_dataset.zip is about 2 GB; 53,753 split images",
 )

@@ -53,7 +53,7 @@ plugin = UTZappos(
         "download http://vision.cs.utexas.edu/projects/finegrained/utzap50k/ut-zap50k-images.zip",
         "unzip it so that <root>/_images/Shoes/... exists",
         "copy each metadata record's _images/<_image> to images/<image>",
-        "copy the split files and metadata from datasets/canonical/ut-zappos/ into <root>",
+        "copy the split files and metadata shipped in czsl_bench/datasets/canonical/ut-zappos/ (or from the TMN split tarball) into <root>",
     ),
     size_note="ut-zap50k-images.zip is about 1.7 GB; 29,126 split images",
 )

@@ -16,6 +16,8 @@ import click
 # name -> "module:attribute"; add a sub-command by adding a line here and a module beside this file.
 SUBCOMMANDS: dict[str, str] = {
     "evaluate": "czsl_bench.cli.evaluate:evaluate",
+    "cache": "czsl_bench.cli.cache:cache",
+    "data": "czsl_bench.cli.data:data",
     "info": "czsl_bench.cli.info:info",
     "list": "czsl_bench.cli.listing:list_command",
     "table": "czsl_bench.cli.table:table",
