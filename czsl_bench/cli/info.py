@@ -55,7 +55,10 @@ def method_info(method: str, dataset: str, backbone: str | None = None, pretrain
     from czsl_bench.registry import DATASETS, METHODS
 
     method_cls = METHODS.get(method)
-    check_method_class(method_cls, f"method {method!r}")
+    try:
+        check_method_class(method_cls, f"method {method!r}")
+    except TypeError as exc:  # a plugin that breaks the contract: one line, not a traceback
+        raise click.ClickException(str(exc)) from None
     if dataset not in DATASETS.names():
         DATASETS.get(dataset)  # unknown name → one line listing the known ones
     config = resolve_method_config(method_cls, dataset, list(overrides), ablation, config_file)
