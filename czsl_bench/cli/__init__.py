@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "info": "czsl_bench.cli.info:info",
     "list": "czsl_bench.cli.listing:list_command",
     "table": "czsl_bench.cli.table:table",
+    "backbone": "czsl_bench.cli.backbone:backbone",
 }
 
 
