@@ -1,0 +1,77 @@
+"""``czsl-bench cache``: list and clear the on-disk feature cache (czsl_bench.cache)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+_ROOT_HELP = "Cache directory (default: $CZSL_CACHE, else ~/.cache/czsl-bench)."
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+@click.group()
+def cache() -> None:
+    """Inspect or empty the cache of frozen image and text features."""
+
+
+@cache.command("ls")
+@click.option("--root", type=click.Path(file_okay=False), default=None, help=_ROOT_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per entry.")
+def ls(root: str | None, as_json: bool) -> None:
+    """List cache entries, newest first."""
+    from czsl_bench.cache import FeatureCache
+
+    store = FeatureCache(root)
+    entries = store.entries()
+    if as_json:
+        for e in entries:
+            click.echo(
+                json.dumps(
+                    {"key": e.key, "kind": e.kind, "bytes": e.size_bytes, "created": e.created,
+                     "path": str(e.path), "parts": e.parts, "meta": e.meta},
+                    sort_keys=True,
+                )
+            )
+        return
+    click.echo(f"cache root: {store.root}")
+    if not entries:
+        click.echo("no entries")
+        return
+    from tabulate import tabulate
+
+    rows = []
+    for e in entries:
+        what = ", ".join(f"{k}={v}" for k, v in e.meta.items() if k in ("arch", "split", "template", "n", "error"))
+        rows.append([e.key[:12], e.kind, _human(e.size_bytes), e.created, what])
+    click.echo(tabulate(rows, headers=["key", "kind", "size", "created (UTC)", "content"]))
+    total = sum(e.size_bytes for e in entries)
+    click.echo(f"{len(entries)} entries, {_human(total)}")
+
+
+@cache.command("clear")
+@click.option("--root", type=click.Path(file_okay=False), default=None, help=_ROOT_HELP)
+@click.option("--kind", default=None, help="Only entries of this kind (image_features, pair_text_features, ...).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def clear(root: str | None, kind: str | None, yes: bool) -> None:
+    """Delete cache entries (all, or one kind)."""
+    from czsl_bench.cache import FeatureCache
+
+    store = FeatureCache(root)
+    entries = [e for e in store.entries() if kind is None or e.kind == kind]
+    if not entries and kind is not None:
+        click.echo(f"no {kind} entries in {store.root}")
+        return
+    total = sum(e.size_bytes for e in entries)
+    what = f"{len(entries)} {kind + ' ' if kind else ''}entries ({_human(total)}) from {store.root}"
+    if entries and not yes:
+        click.confirm(f"Delete {what}?", abort=True)
+    removed = store.clear(kind)
+    click.echo(f"deleted {removed} {kind + ' ' if kind else ''}entries ({_human(total)})")
