@@ -10,6 +10,7 @@ never allowed to break the others.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import warnings
 from dataclasses import dataclass, field
@@ -40,6 +41,9 @@ class Registry(Generic[T]):
     group: str  # entry-point group
     _entries: dict[str, _Entry] = field(default_factory=dict)
     _discovered: bool = False
+    # Names whose entry point is being imported right now, and what their modules registered
+    # with the decorator meanwhile (a plugin module may do both; that is not a clash).
+    _loading: dict[str, list[Any]] = field(default_factory=dict)
 
     # -- registration -------------------------------------------------------------------------
     def register(self, name: str | None = None) -> Callable[[T], T]:
@@ -61,6 +65,14 @@ class Registry(Generic[T]):
     def _add(self, entry: _Entry) -> None:
         self._discover()
         old = self._entries.get(entry.name)
+        if old is not None and entry.name in self._loading and old.from_entry_point:
+            self._loading[entry.name].append(entry.obj)  # checked once the entry point has loaded
+            return
+        if (old is not None and old.from_entry_point and not old.loaded
+                and old.origin.split(":")[0] == entry.origin.split(":")[0]):
+            # The entry point's module was imported directly and registered itself: same plugin.
+            self._entries[entry.name] = dataclasses.replace(entry, from_entry_point=True)
+            return
         if old is not None and old.origin != entry.origin:
             raise RegistryError(
                 f"{self.kind} name {entry.name!r} is claimed twice: by {old.origin} and by "
@@ -102,14 +114,23 @@ class Registry(Generic[T]):
         if entry.loaded:
             return
         entry.loaded = True
+        self._loading[entry.name] = []
         try:
             entry.obj = entry.loader()
+            for other in self._loading[entry.name]:
+                if other is not entry.obj:
+                    raise RegistryError(
+                        f"its module also registers a different object under {entry.name!r} with the "
+                        "decorator; register one object per name"
+                    )
         except Exception as exc:  # any import-time failure of a plugin must stay isolated
             entry.error = f"{type(exc).__name__}: {exc}"
             warnings.warn(
                 f"{self.kind} plugin {entry.name!r} ({entry.origin}) failed to import: {entry.error}",
                 stacklevel=3,
             )
+        finally:
+            del self._loading[entry.name]
 
     def names(self) -> list[str]:
         self._discover()
