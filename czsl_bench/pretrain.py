@@ -71,7 +71,7 @@ class PretrainConfig:
     n_images: int = 20000
     image_size: int = 64
     exclude_heldout: bool = True  # leave the unseen val/test pairs out of the web corpus
-    steps: int = 700
+    steps: int = 500
     batch_size: int = 256
     lr: float = 5e-4
     weight_decay: float = 0.1
@@ -210,7 +210,9 @@ def pretrain(cfg: PretrainConfig = PretrainConfig(), corpus=None, log: Callable[
                    "total_s": round(time.perf_counter() - t_start, 1),
                    "samples_per_s": round(cfg.steps * batch / train_s, 1)},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    # a shared machine makes the timings pessimistic: record how busy it was
+                    "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},
         "versions": _versions(),
     }
     return PretrainResult(state, record)
