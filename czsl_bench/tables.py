@@ -246,6 +246,12 @@ def build_ablation_table(
     if long.empty:
         return _assemble(long.assign(row=[]), [], [], metrics, setting, split, {}, "")
     long["row"] = [v if isinstance(v, str) else FULL_VARIANT for v in long["variant"]]
+    # A method may declare the published configuration as an ablation named "full" too; runs of it
+    # and plain runs share the row, and a seed present in both counts once (the explicit variant's).
+    long["_explicit"] = long["variant"].map(lambda v: isinstance(v, str))
+    long = (long.sort_values("_explicit", kind="stable")
+                .drop_duplicates(["row", "dataset", "seed", "metric"], keep="last")
+                .drop(columns="_explicit"))
     present = list(dict.fromkeys(long["row"]))
     ordered = [FULL_VARIANT] if FULL_VARIANT in present else []
     rest = [v for v in present if v != FULL_VARIANT]

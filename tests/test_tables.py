@@ -194,3 +194,15 @@ def test_aggregate_matches_statistics_module(values):
         assert std == pytest.approx(100 * statistics.stdev(values), abs=1e-7)
     else:
         assert pd.isna(std)
+
+
+def test_ablation_named_full_merges_with_plain_runs_counting_each_seed_once():
+    records = [
+        rec("cluspro", "ut-zappos", 0, 0.70, 0.76, 0.58, 0.46),
+        rec("cluspro", "ut-zappos", 0, 0.70, 0.76, 0.58, 0.46, variant="full"),  # same run key, same config
+        rec("cluspro", "ut-zappos", 1, 0.72, 0.74, 0.60, 0.48, variant="full"),
+    ]
+    table = build_ablation_table(records, "cluspro", "closed")
+    assert list(table.mean.index) == ["full"]
+    assert table.n.loc["full", ("UT-Zappos", "AUC")] == 2
+    assert table.mean.loc["full", ("UT-Zappos", "AUC")] == pytest.approx(47.0)
