@@ -394,8 +394,8 @@ def load_records(
 
     A malformed file is reported through ``on_error(path, one_line_reason)`` (default: a
     warning) and skipped, so one bad file never hides the others. Folder names in ``exclude``
-    directly under ``directory`` (e.g. ``"reported"``) are not read. A missing directory
-    gives an empty list.
+    directly under ``directory`` (e.g. ``"reported"``), hidden files and hidden folders are not
+    read. A missing directory gives an empty list.
     """
     directory = Path(directory)
     report = on_error or _warn_skip
@@ -404,8 +404,9 @@ def load_records(
     if not directory.is_dir():
         return records
     for path in sorted(directory.rglob("*.json")):
-        if any(parent in excluded for parent in path.parents) or path.name.startswith("."):
-            continue
+        relative = path.relative_to(directory)
+        if any(parent in excluded for parent in path.parents) or any(part.startswith(".") for part in relative.parts):
+            continue  # temp files and hidden folders (e.g. results/.checkpoints) hold no records
         try:
             records.append(_read(path))
         except (OSError, RecordError) as exc:

@@ -173,6 +173,8 @@ def test_load_records_skips_malformed_files_with_one_line_each(tmp_path):
     (bad_dir / "seed2.json").write_text(json.dumps(percent))
     (tmp_path / "reported").mkdir()
     (tmp_path / "reported" / "ignored.json").write_text("{}")
+    (tmp_path / ".checkpoints" / "csp").mkdir(parents=True)
+    (tmp_path / ".checkpoints" / "csp" / "state.json").write_text("{}")  # hidden folders hold no records
 
     problems: list[tuple[Path, str]] = []
     loaded = load_records(tmp_path, exclude=("reported",), on_error=lambda p, why: problems.append((p, why)))
