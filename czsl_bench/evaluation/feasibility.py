@@ -115,7 +115,7 @@ class OpenWorldResult:
 
 def search_threshold(val_scores: BlockSource, val_gt, seen_mask, feasibility, pair_attr=None,
                      pair_obj=None, topk: int = 1, n_thresholds: int = N_THRESHOLDS,
-                     margin: int = 16) -> OpenWorldResult:
+                     margin: int = 4) -> OpenWorldResult:
     """Pick the feasibility threshold on validation with one pass over the scores."""
     grid = threshold_grid(feasibility, seen_mask, n_thresholds)
     n_pairs = len(torch.as_tensor(seen_mask))
@@ -138,13 +138,13 @@ def search_threshold(val_scores: BlockSource, val_gt, seen_mask, feasibility, pa
 
 
 def evaluate_open_world(test_scores: BlockSource, test_gt, seen_mask, feasibility, threshold: float,
-                        pair_attr=None, pair_obj=None, topk: int = 1, margin: int = 16) -> EvalResult:
+                        pair_attr=None, pair_obj=None, topk: int = 1, margin: int = 4) -> EvalResult:
     """Open-world metrics with the feasibility mask at ``threshold`` (candidates: every pair)."""
     n_pairs = len(torch.as_tensor(seen_mask))
     fallback = threshold == OPEN_WORLD_FALLBACK_THRESHOLD
     red = StreamingReducer(len(test_gt), n_pairs, test_gt, seen_mask, None, pair_attr, pair_obj, topk,
                            feasibility=feasibility, thresholds=[] if fallback else [threshold],
-                           margin=margin)
+                           margin=margin, track_all_feasible=fallback)
     red.consume(test_scores)
     result = red.evaluate(-1 if fallback else 0)
     result.threshold = float(threshold)

@@ -64,23 +64,31 @@ def _sort_by_key(vals: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, t
     return vals.gather(1, order), idx.gather(1, order)
 
 
-def _merge_top(vals: torch.Tensor, idx: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the top ``cap`` entries per row under (value desc, index asc), sorted."""
+def _top_by_key(vals: torch.Tensor, idx: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top ``cap`` entries per row under (value desc, index asc), sorted.
+
+    ``idx`` may be a 1-D column-index vector shared by every row (a block) or ``[N, W]``.
+    """
     width = vals.shape[1]
+    shared = idx.dim() == 1
     if width <= cap + 8:
-        v, i = _sort_by_key(vals, idx)
+        full_idx = idx.expand(vals.shape[0], -1) if shared else idx
+        v, i = _sort_by_key(vals, full_idx)
         return v[:, :cap], i[:, :cap]
     fetch = cap + 8
     top_v, top_pos = vals.topk(fetch, dim=1)
-    top_i = idx.gather(1, top_pos)
+    top_i = idx[top_pos] if shared else idx.gather(1, top_pos)
     # If the cap-th value equals the last fetched value, tied entries with lower indices may
     # have been left behind by topk: sort those rows in full.
     ambiguous = top_v[:, cap - 1] == top_v[:, -1]
     v, i = _sort_by_key(top_v, top_i)
-    v, i = v[:, :cap].clone(), i[:, :cap].clone()
+    v, i = v[:, :cap], i[:, :cap]
     if ambiguous.any():
-        av, ai = _sort_by_key(vals[ambiguous], idx[ambiguous])
-        v[ambiguous], i[ambiguous] = av[:, :cap], ai[:, :cap]
+        v, i = v.clone(), i.clone()
+        rows = ambiguous.nonzero().flatten()
+        a_idx = idx.expand(len(rows), -1) if shared else idx[rows]
+        av, ai = _sort_by_key(vals[rows], a_idx)
+        v[rows], i[rows] = av[:, :cap], ai[:, :cap]
     return v, i
 
 
@@ -104,16 +112,19 @@ class StreamingReducer:
         thresholds: ascending grid of feasibility thresholds the caller will ask about.
         margin: extra scores kept per group beyond ``topk`` (only affects speed: images whose
             kept scores cannot decide the ranking are re-read from the source).
+        track_all_feasible: keep what ``evaluate(-1)`` (every pair feasible) needs; a caller
+            that only asks about grid thresholds can skip the pairs below the lowest one.
     """
 
     def __init__(self, n_images: int, n_pairs: int, gt_pair, seen_mask, candidate_mask=None,
                  pair_attr=None, pair_obj=None, topk: int = 1, feasibility=None,
-                 thresholds=None, margin: int = 16):
+                 thresholds=None, margin: int = 4, track_all_feasible: bool = True):
         self.inp: _Inputs = validate_inputs(n_images, n_pairs, gt_pair, seen_mask, candidate_mask,
                                             pair_attr, pair_obj, topk)
         self.n_images, self.n_pairs = n_images, n_pairs
         self.cap = topk + margin + 1  # the last kept entry is the "largest not used" sentinel
         self.masking = feasibility is not None
+        self.track_all_feasible = track_all_feasible
         if self.masking:
             feas = torch.as_tensor(feasibility, dtype=torch.float32).cpu()
             if feas.shape != (n_pairs,):
@@ -140,11 +151,15 @@ class StreamingReducer:
                     continue  # unseen non-candidates never matter
                 sel = (seen == is_seen) & (cand == is_cand)
                 for b in torch.unique(self.pair_bin[sel]).tolist():
+                    if self.masking and not is_seen and b == 0 and not track_all_feasible:
+                        continue  # infeasible at every grid threshold: masked to 0, never ranked
                     cols = (sel & (self.pair_bin == b)).nonzero().flatten()
+                    # seen scores get no bias, so their top-k is exact: no margin needed
+                    cap = topk + 1 if is_seen else self.cap
                     self.groups.append(_Group(
                         cols, is_seen, is_cand, int(b),
-                        torch.full((n_images, self.cap), _NEG),
-                        torch.full((n_images, self.cap), _NO_INDEX, dtype=torch.long)))
+                        torch.full((n_images, cap), _NEG),
+                        torch.full((n_images, cap), _NO_INDEX, dtype=torch.long)))
         self._next_col = 0
         self.source: BlockSource | None = None
 
@@ -162,7 +177,8 @@ class StreamingReducer:
             raise ValueError(f"score block [{col_start}, {col_start + width}) runs past the "
                              f"{self.n_pairs} pairs")
         block = block.detach().to("cpu", torch.float32)
-        check_finite(block, "scores", col_offset=col_start)
+        if not torch.isfinite(block.sum()):  # one cheap pass; locate the culprit only if needed
+            check_finite(block, "scores", col_offset=col_start)
         end = col_start + width
         gt = self.inp.gt
         rows = ((gt >= col_start) & (gt < end)).nonzero().flatten()
@@ -173,11 +189,30 @@ class StreamingReducer:
             if lo == hi:
                 continue
             cols = g.cols[lo:hi]
-            sub = block[:, cols - col_start]
-            vals = torch.cat([g.vals, sub], dim=1)
-            idx = torch.cat([g.idx, cols.expand(self.n_images, -1)], dim=1)
-            g.vals, g.idx = _merge_top(vals, idx, self.cap)
+            if hi - lo == width:  # the whole block belongs to this group: no copy
+                sub = block
+            elif int(cols[-1] - cols[0]) == hi - lo - 1:  # a contiguous run: a view
+                sub = block[:, int(cols[0]) - col_start:int(cols[-1]) + 1 - col_start]
+            else:
+                sub = block.index_select(1, cols - col_start)
+            self._merge_block(g, sub, cols)
         self._next_col = end
+
+    def _merge_block(self, g: _Group, sub: torch.Tensor, cols: torch.Tensor) -> None:
+        cap = g.vals.shape[1]
+        # Blocks arrive in column order, so a new score equal to the smallest kept one has a
+        # larger index and loses the tie: only rows whose block maximum beats it can change,
+        # and after the first few blocks those are few.
+        rows = (sub.amax(dim=1) > g.vals[:, -1]).nonzero().flatten()
+        if len(rows) == 0:
+            return
+        if 2 * len(rows) > self.n_images:  # most rows: cheaper than copying them out
+            bv, bi = _top_by_key(sub, cols, cap)
+            g.vals, g.idx = _top_by_key(torch.cat([g.vals, bv], 1), torch.cat([g.idx, bi], 1), cap)
+            return
+        bv, bi = _top_by_key(sub[rows], cols, cap)
+        v, i = _top_by_key(torch.cat([g.vals[rows], bv], 1), torch.cat([g.idx[rows], bi], 1), cap)
+        g.vals[rows], g.idx[rows] = v, i
 
     def consume(self, source: BlockSource) -> "StreamingReducer":
         self.source = source
@@ -259,6 +294,9 @@ class StreamingReducer:
 
     def evaluate(self, j: int = -1) -> EvalResult:
         """Metrics at threshold index ``j`` of the grid (-1: no threshold / all feasible)."""
+        if j < 0 and self.masking and not self.track_all_feasible:
+            raise ValueError("this reducer was built with track_all_feasible=False; it cannot "
+                             "evaluate with every pair feasible")
         if self._next_col != self.n_pairs:
             raise ValueError("the reducer has not seen every pair column; call consume() first")
         if self.gt_score.isnan().any():
@@ -347,7 +385,7 @@ OPEN_WORLD_FALLBACK_THRESHOLD = -10.0
 
 def evaluate_stream(blocks: BlockSource, gt_pair, seen_mask, candidate_mask=None, pair_attr=None,
                     pair_obj=None, topk: int = 1, n_pairs: int | None = None,
-                    margin: int = 16) -> EvalResult:
+                    margin: int = 4) -> EvalResult:
     """:func:`~czsl_bench.evaluation.evaluate` over scores streamed as column blocks.
 
     ``blocks``: a tensor, an iterable of ``(col_start, [N, b] block)`` in column order, or a
