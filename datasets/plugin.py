@@ -125,13 +125,13 @@ class StandardDataset:
 
     def prepare(self, root: str | os.PathLike | None = None, fetch: Callable[[str, Path], None] | None = None,
                 urls: dict[str, str] | None = None, sha256: dict[str, str] | None = None,
-                keep_archives: bool = True, splits_from: str = "package",
+                keep_archives: bool = True, splits_from: str = "package", strict: bool = True,
                 log: Callable[[str], None] = print) -> PrepareReport:
         """Download (``fetch`` injectable), verify and reorganise the data into the standard layout."""
         from .prepare import prepare_dataset
 
         return prepare_dataset(self, self.resolve_root(root), fetch=fetch, urls=urls, sha256=sha256,
-                               keep_archives=keep_archives, splits_from=splits_from, log=log)
+                               keep_archives=keep_archives, splits_from=splits_from, strict=strict, log=log)
 
     def prepare_layout(self, root: Path, archives: dict[str, Path], log: Callable[[str], None]) -> None:
         """Dataset-specific reorganisation after downloading (overridden per dataset)."""

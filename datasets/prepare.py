@@ -95,7 +95,7 @@ def http_fetch(url: str, part: Path, log: Log = print, timeout: float = 60.0) ->
     except (urllib.error.URLError, TimeoutError) as exc:
         raise OSError(f"download of {url} failed: {getattr(exc, 'reason', exc)}") from None
     with response:
-        resumed = have and response.status == 206
+        resumed = bool(have) and getattr(response, "status", None) == 206  # file:// has no status
         total = response.headers.get("Content-Length")
         total = int(total) + (have if resumed else 0) if total else None
         done = have if resumed else 0
@@ -153,7 +153,7 @@ def download(source: Source, dest_dir: Path, state: dict, fetch: Fetch, urls: li
 # --------------------------------------------------------------------------------------------
 def prepare_dataset(plugin: StandardDataset, root: Path, fetch: Fetch | None = None,
                     urls: dict[str, str] | None = None, sha256: dict[str, str] | None = None,
-                    keep_archives: bool = True, splits_from: str = "package",
+                    keep_archives: bool = True, splits_from: str = "package", strict: bool = True,
                     log: Log = print) -> PrepareReport:
     """Download what is missing, verify it, reorganise it, then run ``data check`` (existence only).
 
@@ -189,7 +189,7 @@ def prepare_dataset(plugin: StandardDataset, root: Path, fetch: Fetch | None = N
     _write_state(root, state)
     if not keep_archives:
         shutil.rmtree(root / DOWNLOAD_DIR, ignore_errors=True)
-    report.check, _ = inspect_dataset(plugin, root, images="exists")
+    report.check, _ = inspect_dataset(plugin, root, images="exists", strict=strict)
     return report
 
 

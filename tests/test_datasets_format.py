@@ -282,6 +282,7 @@ def _corrupt_copy(small_ut: CZSLDataset, tmp_path: Path) -> tuple[Split, Path]:
     split = small_ut.split("val")
     bad = split.root / split.images[1]
     original = bad.read_bytes()
+    bad.unlink()  # fixture images may be hard links: never write through one
     bad.write_bytes(original[:20])  # a truncated JPEG
     return split, bad
 

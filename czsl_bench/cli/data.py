@@ -73,8 +73,10 @@ def check(name: str, root: str | None, images: str, strict: bool, as_json: bool)
 @click.option("--splits-from", type=click.Choice(["package", "upstream"]), default="package", show_default=True,
               help="Install the split files shipped with czsl-bench, or download the TMN split tarball.")
 @click.option("--delete-archives", is_flag=True, help="Delete the downloaded archives once everything is in place.")
+@click.option("--strict/--no-strict", default=True, show_default=True,
+              help="Require the published counts in the final check.")
 def prepare(name: str, root: str | None, urls: tuple[str, ...], sums: tuple[str, ...], splits_from: str,
-            delete_archives: bool) -> None:
+            delete_archives: bool, strict: bool) -> None:
     """Download, verify and reorganise dataset NAME into the standard layout (resumable).
 
     Re-running continues an interrupted download and skips files that are already complete and
@@ -83,7 +85,7 @@ def prepare(name: str, root: str | None, urls: tuple[str, ...], sums: tuple[str,
     plugin = _plugin(name)
     _require(plugin, "prepare", name)
     report = plugin.prepare(root, urls=_pairs(urls, "--url"), sha256=_pairs(sums, "--sha256"),
-                            keep_archives=not delete_archives, splits_from=splits_from,
+                            keep_archives=not delete_archives, splits_from=splits_from, strict=strict,
                             log=lambda line: click.echo(line, err=True))
     click.echo(report.check.render())
     sys.exit(0 if report.check.usable else 1)
