@@ -47,7 +47,7 @@ class OTResult:
     n_outer: int
 
 
-def sinkhorn_log(cost: Tensor, eps: float, max_iter: int = 1000, tol: float = 1e-9) -> Tensor:
+def sinkhorn_log(cost: Tensor, eps: float, max_iter: int = 1000, tol: float = 1e-6) -> Tensor:
     """Balanced entropic OT with uniform marginals, batched over the leading dimension.
 
     Solves ``min_G <cost, G> + eps * sum G log G`` over ``G >= 0`` with rows summing to ``1/B``
@@ -98,19 +98,19 @@ def round_to_polytope(plan: Tensor) -> Tensor:
 
 
 def _entropy_term(plan: Tensor) -> Tensor:
-    return torch.special.xlogy(plan, plan).sum((1, 2))
+    return torch.special.xlogy(plan, plan).sum((-2, -1))
 
 
 def _structure_term(plan: Tensor, weight: Tensor, similarity: Tensor) -> Tensor:
-    # Omega(G) = -<S, (W*G)(W*G)^T>, one value per problem
-    x = weight * plan  # [C, B, K]
-    return -torch.einsum("nm,cnk,cmk->c", similarity, x, x)
+    # Omega(G) = -<S, (W*G)(W*G)^T>, one value per problem (any leading dims before [B, K])
+    x = weight * plan  # [..., B, K]
+    return -((similarity @ x) * x).sum((-2, -1))
 
 
 def _structure_grad(plan: Tensor, weight: Tensor, similarity: Tensor) -> Tensor:
     # d/dG of -<S, X X^T> with X = W*G and S symmetric: -2 (S X) * W
     x = weight * plan
-    return -2.0 * torch.einsum("nm,cmk->cnk", similarity, x) * weight
+    return -2.0 * (similarity @ x) * weight
 
 
 def gcg_objective(
@@ -119,7 +119,7 @@ def gcg_objective(
     """The objective the GCG loop minimises, one value per problem ``[C]``:
     ``<cost, G> + eps * sum G log G + kappa * Omega(G)``, ``Omega(G) = -<S, (W*G)(W*G)^T>``."""
     return (
-        (cost * plan).sum((1, 2))
+        (cost * plan).sum((-2, -1))
         + eps * _entropy_term(plan)
         + kappa * _structure_term(plan, weight, similarity)
     )
@@ -134,6 +134,7 @@ def structured_ot(
     kappa: float = 1.0,
     max_outer: int = 10,
     sinkhorn_iters: int = 1000,
+    sinkhorn_tol: float = 1e-6,
     tol: float = 1e-6,
     armijo_c1: float = 1e-4,
     max_backtracks: int = 12,
@@ -167,7 +168,7 @@ def structured_ot(
     for _ in range(max_outer):
         n_outer += 1
         grad_struct = _structure_grad(plan, weight, similarity)
-        target = sinkhorn_log(cost + kappa * grad_struct, eps, max_iter=sinkhorn_iters)
+        target = sinkhorn_log(cost + kappa * grad_struct, eps, max_iter=sinkhorn_iters, tol=sinkhorn_tol)
         delta = target - plan
         # directional derivative of the full objective along delta (entropy gradient is log G + 1;
         # the +1 integrates to zero over a direction with zero total mass)
@@ -175,9 +176,7 @@ def structured_ot(
             (cost + kappa * grad_struct + eps * torch.log(plan.clamp_min(1e-300))) * delta
         ).sum((1, 2))
         candidates = plan[None] + steps[:, None, None, None] * delta[None]  # [S, C, B, K]
-        cand_obj = torch.stack(
-            [gcg_objective(cp, cost, weight, similarity, eps, kappa) for cp in candidates]
-        )  # [S, C]
+        cand_obj = gcg_objective(candidates, cost, weight, similarity, eps, kappa)  # [S, C]
         ok = cand_obj <= obj[None] + armijo_c1 * steps[:, None] * slope[None]
         ok &= cand_obj <= obj[None]  # guard: never accept an increase (slope can be ~0 or > 0)
         first_ok = torch.where(ok.any(0), ok.float().argmax(0), torch.full_like(obj, -1).long())
