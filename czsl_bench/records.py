@@ -289,19 +289,22 @@ def record_path(
     return base / f"seed{seed}.json"
 
 
-def reported_path(reported_dir: str | Path, method: str, dataset: str, setting: str) -> Path:
-    """Where a published row lives: ``<reported_dir>/<method>__<dataset>__<setting>.json``."""
+def reported_path(reported_dir: str | Path, method: str, dataset: str, setting: str,
+                  variant: str | None = None) -> Path:
+    """Where a published row lives: ``<reported_dir>/<method>__<dataset>__<setting>.json``, with
+    ``__<variant>`` before ``.json`` for a published ablation row."""
     check_name(method, "method")
     check_name(dataset, "dataset")
     if setting not in SETTINGS:
         raise RecordError(f"setting is {setting!r}; it must be one of {', '.join(SETTINGS)}")
-    return Path(reported_dir) / f"{method}__{dataset}__{setting}.json"
+    suffix = f"__{check_name(variant, 'variant')}" if variant is not None else ""
+    return Path(reported_dir) / f"{method}__{dataset}__{setting}{suffix}.json"
 
 
 def path_for(record: RunRecord, results_dir: str | Path) -> Path:
     """The deterministic path of ``record`` under ``results_dir`` (runs) or itself (paper rows)."""
     if record.source == "paper":
-        return reported_path(results_dir, record.method, record.dataset, record.setting)
+        return reported_path(results_dir, record.method, record.dataset, record.setting, record.variant)
     assert record.seed is not None  # validated: runs always have a seed
     return record_path(results_dir, record.method, record.dataset, record.setting, record.seed, record.variant)
 

@@ -230,42 +230,50 @@ def build_ablation_table(
     datasets: Sequence[str] | None = None,
     metrics: Sequence[str] = DEFAULT_METRICS,
     variant_order: Sequence[str] | None = None,
+    with_reported: bool = False,
 ) -> ResultTable:
     """The ablation view: one row per variant of ``method`` (the full method first, named
-    ``"full"``), columns per dataset × metric, mean ± std over seeds. Runs only.
+    ``"full"``), columns per dataset × metric, mean ± std over seeds.
 
     ``variant_order`` (e.g. the keys of ``Method.ablations()``) fixes the row order; otherwise
-    variants sort by name.
+    variants sort by name. With ``with_reported`` the paper's row of a variant (published
+    ablation records, and the main published row for ``full``) follows it ("k-1 (paper)").
     """
     selected = [
         r for r in _dedupe(records)
-        if r.source == "run" and r.method == method and r.setting == setting
+        if r.method == method and r.setting == setting
+        and (r.source == "run" or (with_reported and r.source == "paper"))
         and (not datasets or r.dataset in datasets)
     ]
     long = records_frame(selected, split, metrics)
     if long.empty:
-        return _assemble(long.assign(row=[]), [], [], metrics, setting, split, {}, "")
-    long["row"] = [v if isinstance(v, str) else FULL_VARIANT for v in long["variant"]]
+        return _assemble(long.assign(row=[]), [], [], metrics, setting, split, {}, "", row_title="Variant")
+    long["variant_name"] = [v if isinstance(v, str) else FULL_VARIANT for v in long["variant"]]
+    long["row"] = [v + (PAPER_SUFFIX if src == "paper" else "") for v, src in zip(long["variant_name"], long["source"])]
     # A method may declare the published configuration as an ablation named "full" too; runs of it
     # and plain runs share the row, and a seed present in both counts once (the explicit variant's).
     long["_explicit"] = long["variant"].map(lambda v: isinstance(v, str))
     long = (long.sort_values("_explicit", kind="stable")
                 .drop_duplicates(["row", "dataset", "seed", "metric"], keep="last")
                 .drop(columns="_explicit"))
-    present = list(dict.fromkeys(long["row"]))
-    ordered = [FULL_VARIANT] if FULL_VARIANT in present else []
+    present = list(dict.fromkeys(long["variant_name"]))
+    variants = [FULL_VARIANT] if FULL_VARIANT in present else []
     rest = [v for v in present if v != FULL_VARIANT]
     if variant_order:
         rank = {v: i for i, v in enumerate(variant_order)}
         rest.sort(key=lambda v: (rank.get(v, len(rank)), v))
     else:
         rest.sort()
-    ordered += rest
-    rows = {v: ("variant", v) for v in ordered}
+    variants += rest
+    rows: dict[str, tuple[str, str]] = {}
+    for variant in variants:
+        for source, label in (("run", variant), ("paper", variant + PAPER_SUFFIX)):
+            if ((long["variant_name"] == variant) & (long["source"] == source)).any():
+                rows[label] = ("variant" if source == "run" else "paper", variant)
     dataset_order = _ordered(long["dataset"], DATASET_ORDER, datasets)
     agg = _aggregate(long, "row")
     title = f"{method_label(method)} ablations, {setting} world, {split} split"
-    return _assemble(agg, ordered, dataset_order, metrics, setting, split, rows, title, row_title="Variant")
+    return _assemble(agg, list(rows), dataset_order, metrics, setting, split, rows, title, row_title="Variant")
 
 
 # -- rendering --------------------------------------------------------------------------------------

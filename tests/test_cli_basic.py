@@ -113,7 +113,6 @@ def test_table_without_records_is_a_one_line_domain_error(tmp_path):
 
 @pytest.mark.parametrize("args", [
     ["--format", "docx"], ["--setting", "both"], ["--ablation", "cluspro", "--methods", "csp"],
-    ["--ablation", "cluspro", "--with-reported"],
 ])
 def test_table_usage_errors_exit_2(tmp_path, args):
     result = run_cli("table", "--results-dir", str(tmp_path), *args)

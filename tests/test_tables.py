@@ -206,3 +206,18 @@ def test_ablation_named_full_merges_with_plain_runs_counting_each_seed_once():
     assert list(table.mean.index) == ["full"]
     assert table.n.loc["full", ("UT-Zappos", "AUC")] == 2
     assert table.mean.loc["full", ("UT-Zappos", "AUC")] == pytest.approx(47.0)
+
+
+def test_ablation_view_with_published_rows_reproduces_the_papers_table():
+    records = RECORDS + load_records(REPORTED)
+    table = build_ablation_table(records, "cluspro", "closed", datasets=["ut-zappos"], with_reported=True,
+                                 variant_order=["no-pdl", "k-1", "k1"])
+    assert list(table.mean.index) == [
+        "full", "full (paper)", "no-pdl", "no-pdl (paper)", "k-1 (paper)", "k1",  # declared order first
+        "base (paper)", "k-10 (paper)", "k-20 (paper)", "k-3 (paper)", "k-5 (paper)", "mu-0 (paper)",
+        "mu-0.5 (paper)", "mu-0.9 (paper)", "mu-0.99 (paper)", "mu-0.999 (paper)", "no-pcl (paper)",
+    ]
+    assert table.mean.loc["no-pdl (paper)", ("UT-Zappos", "AUC")] == pytest.approx(45.9)
+    assert table.std.loc["full (paper)", ("UT-Zappos", "AUC")] == pytest.approx(0.5)
+    plain = build_ablation_table(records, "cluspro", "closed", datasets=["ut-zappos"])
+    assert not any(row.endswith("(paper)") for row in plain.mean.index)

@@ -32,7 +32,7 @@ def _names(values: tuple[str, ...]) -> list[str] | None:
 @click.option("--methods", multiple=True, metavar="NAMES",
               help="Methods to show, comma-separated or repeated (default: all with records), in this order.")
 @click.option("--with-reported", is_flag=True,
-              help="Add the papers' published rows (marked 'METHOD (paper)').")
+              help="Add the papers' published rows (marked 'METHOD (paper)'; with --ablation 'VARIANT (paper)').")
 @click.option("--ablation", metavar="METHOD",
               help="Ablation view: one row per variant of METHOD (records written with --ablation).")
 @click.option("--results-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("results"),
@@ -61,8 +61,6 @@ def table(fmt: str, setting: str, split: str, datasets: tuple[str, ...], methods
     dataset_list, method_list = _names(datasets), _names(methods)
     if ablation and method_list:
         raise click.UsageError("--ablation METHOD already picks the method; drop --methods")
-    if ablation and with_reported:
-        raise click.UsageError("--with-reported applies to the main table, not to --ablation")
 
     def warn(path: Path, reason: str) -> None:
         click.echo(f"Warning: skipping {path}: {reason}", err=True)
@@ -75,7 +73,7 @@ def table(fmt: str, setting: str, split: str, datasets: tuple[str, ...], methods
     if ablation:
         variant_order = _ablation_order(ablation)
         result = build_ablation_table(records, ablation, setting, split=split, datasets=dataset_list,
-                                      variant_order=variant_order)
+                                      variant_order=variant_order, with_reported=with_reported)
     else:
         result = build_table(records, setting, split=split, datasets=dataset_list, methods=method_list,
                              with_reported=with_reported)
@@ -113,5 +111,5 @@ def _nothing_found(results_dir: Path, setting: str, split: str, datasets: list[s
     return (
         f"no {what}{where} under {results_dir}/ (looked for {results_dir}/<method>/<dataset>/{setting}/"
         f"seed<k>.json); produce some with `czsl-bench run METHOD --dataset NAME --setting {setting}`"
-        + ("" if ablation else ", or add --with-reported to show the published numbers")
+        + ", or add --with-reported to show the published numbers"
     )
