@@ -271,6 +271,15 @@ class ClusPro(ThreePathMethod):
             grid[f"k-{k}"] = {"n_prototypes": k}
         return grid
 
+    @classmethod
+    def ablation_sweeps(cls) -> dict[str, dict[str, float]]:
+        """The one-dimensional sweeps of :meth:`ablations`, for the ablation plot
+        (panel title -> {ablation name: swept value})."""
+        return {
+            "EMA momentum mu": {f"mu-{mu:g}": mu for mu in (0.0, 0.5, 0.9, 0.99, 0.999)},
+            "prototypes per primitive K": {f"k-{k}": float(k) for k in (1, 3, 5, 10, 20)},
+        }
+
 
 @dataclass
 class ClusProBaseConfig(ClusProConfig):
@@ -288,6 +297,10 @@ class ClusProBase(ClusPro):
 
     @classmethod
     def ablations(cls) -> dict[str, dict[str, Any]]:
+        return {}
+
+    @classmethod
+    def ablation_sweeps(cls) -> dict[str, dict[str, float]]:
         return {}
 
 

@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "list": "czsl_bench.cli.listing:list_command",
     "table": "czsl_bench.cli.table:table",
     "backbone": "czsl_bench.cli.backbone:backbone",
+    "ablate": "czsl_bench.cli.ablate:ablate",
 }
 
 
