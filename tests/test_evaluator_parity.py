@@ -46,7 +46,7 @@ def test_matches_reference_protocol(seed, topk):
     assert len(r.curve_seen) == (len(r.biases))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 60), topk=st.integers(1, 3),
        grid=st.sampled_from([1.0, 0.5, None]))
 def test_dense_equals_stream_exactly_ties_included(seed, n, topk, grid):
@@ -108,12 +108,12 @@ def test_masking_doubles_seen_for_nonpositive_thresholds():
     assert mask_scores(s, feas, seen, -0.5).tolist() == [[4.0, 3.0, 4.0]]
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(2))
 def test_open_world_matches_reference_pipeline(seed):
     n_attr, n_obj = 9, 11
-    s_val, gt_val, seen, _, pa, po = clip_like_problem(seed, n=200, n_attr=n_attr, n_obj=n_obj,
+    s_val, gt_val, seen, _, pa, po = clip_like_problem(seed, n=100, n_attr=n_attr, n_obj=n_obj,
                                                        open_world=True)
-    s_test, gt_test, _, _, _, _ = clip_like_problem(seed + 100, n=220, n_attr=n_attr, n_obj=n_obj,
+    s_test, gt_test, _, _, _, _ = clip_like_problem(seed + 100, n=110, n_attr=n_attr, n_obj=n_obj,
                                                     open_world=True)
     # same seen mask for both splits
     g = torch.Generator().manual_seed(seed)

@@ -9,7 +9,6 @@ Exit codes: 0 success, 1 a failed run or domain error (one line on stderr), 2 us
 from __future__ import annotations
 
 import importlib
-import sys
 
 import click
 
@@ -39,8 +38,28 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self.lazy:
             module, attr = self.lazy[name].split(":")
-            return getattr(importlib.import_module(module), attr)
+            try:
+                return getattr(importlib.import_module(module), attr)
+            except Exception as exc:  # one broken command must not take the others down
+                return _broken_command(name, f"{type(exc).__name__}: {exc}")
         return super().get_command(ctx, name)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (ValueError, LookupError, OSError) as exc:
+            # Library errors are written to be read by a person: one line, exit 1, no traceback.
+            raise click.ClickException(str(exc)) from None
+
+
+def _broken_command(name: str, reason: str) -> click.Command:
+    @click.command(name, help=f"(unavailable: {reason})", context_settings={"ignore_unknown_options": True},
+                   add_help_option=False)
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def broken(args) -> None:
+        raise click.ClickException(f"the '{name}' command failed to load ({reason}); reinstall czsl-bench")
+
+    return broken
 
 
 @click.group(
@@ -57,21 +76,5 @@ def cli() -> None:
 
 
 def main() -> None:
-    """Console-script entry point: turns domain errors into one line and exit code 1."""
-    try:
-        cli.main(standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(1)
-    except click.UsageError as exc:
-        exc.show()
-        sys.exit(2)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (ValueError, LookupError, OSError) as exc:
-        # Library errors are written to be read by a person: show the message, not the traceback.
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(1)
+    """Console-script entry point (Click's standalone mode: exit 0 / 1 / 2, errors as one line)."""
+    cli.main(prog_name="czsl-bench")
