@@ -24,6 +24,7 @@ plugin modules import it lazily so that listing plugins stays cheap.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -149,16 +150,78 @@ def read_pair_file(path: str | os.PathLike, fix: str = "") -> list[Pair]:
     return pairs
 
 
-def load_metadata(path: str | os.PathLike, fix: str = "") -> list[dict[str, str]]:
+METADATA_CACHE_FORMAT = 1
+
+
+def _metadata_cache_dir() -> Path | None:
+    """``<czsl cache>/metadata`` (see czsl_bench.cache), or None when ``CZSL_METADATA_CACHE=0``."""
+    if os.environ.get("CZSL_METADATA_CACHE", "1").lower() in ("0", "off", "false", "no"):
+        return None
+    from czsl_bench.cache import default_cache_root
+
+    return default_cache_root() / "metadata"
+
+
+def _read_metadata_cache(cache_dir: Path, digest: str) -> list[dict[str, str]] | None:
+    try:
+        doc = json.loads((cache_dir / f"{digest}.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != METADATA_CACHE_FORMAT or doc.get("sha256") != digest:
+        return None
+    return doc.get("records")
+
+
+def _write_metadata_cache(cache_dir: Path, digest: str, records: list[dict[str, str]]) -> None:
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache_dir / f".{digest}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"format": METADATA_CACHE_FORMAT, "sha256": digest, "records": records}),
+                       encoding="utf-8")
+        os.replace(tmp, cache_dir / f"{digest}.json")
+    except OSError:
+        pass  # the cache only saves time; a read-only cache folder must not break loading
+
+
+def load_metadata(path: str | os.PathLike, fix: str = "", cache: bool = True) -> list[dict[str, str]]:
     """Load ``metadata_compositional-split-natural.t7`` safely and validate its structure.
 
     The file must be a list of plain dicts with string values for ``image``, ``attr``, ``obj`` and
     ``set`` (spec-datasets §3). It is read with ``torch.load(weights_only=True)``, which refuses to
     build arbitrary Python objects; anything else becomes a one-line :class:`DatasetError`.
+
+    ``torch.load`` of the MIT-States file takes about 0.9 s (its safe unpickler is pure Python), so
+    validated records are also kept as JSON under ``<czsl cache>/metadata/<sha256 of the file>.json``;
+    a file with other bytes has another key, so a changed or broken file is always re-read and
+    re-validated. ``cache=False`` or ``CZSL_METADATA_CACHE=0`` turns this off.
     """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(_with_fix(f"missing metadata file {path}", fix))
+    cache_dir = _metadata_cache_dir() if cache else None
+    digest = None
+    if cache_dir is not None:
+        digest = _sha256(path)
+        cached = _read_metadata_cache(cache_dir, digest)
+        if cached is not None:
+            _validate_records(cached, path, fix)
+            return cached
+    records = _torch_load_metadata(path, fix)
+    _validate_records(records, path, fix)
+    if cache_dir is not None and digest is not None:
+        _write_metadata_cache(cache_dir, digest, records)
+    return records
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _torch_load_metadata(path: Path, fix: str) -> Any:
     try:
         records = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -183,7 +246,6 @@ def load_metadata(path: str | os.PathLike, fix: str = "") -> list[dict[str, str]
                 fix,
             )
         ) from None
-    _validate_records(records, path, fix)
     return records
 
 

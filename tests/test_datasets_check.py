@@ -17,6 +17,15 @@ from czsl_bench.registry import DATASETS
 from fixtures.czsl_real_format import METADATA, build_cgqa, build_real, split_image_paths
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _private_metadata_cache(tmp_path_factory):
+    """Keep the metadata cache (czsl_bench.cache root) inside pytest's temporary folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CZSL_CACHE", str(tmp_path_factory.getbasetemp() / "czsl-cache"))
+        yield
+
+
+
 @pytest.fixture(scope="module")
 def full_ut(tmp_path_factory) -> Path:
     """UT-Zappos with the real metadata and all 29,126 split images (4x4 JPEGs), ~3 s to build."""

@@ -37,6 +37,15 @@ from fixtures.czsl_real_format import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _private_metadata_cache(tmp_path_factory):
+    """Keep the metadata cache (czsl_bench.cache root) inside pytest's temporary folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CZSL_CACHE", str(tmp_path_factory.getbasetemp() / "czsl-cache"))
+        yield
+
+
+
 @pytest.fixture(scope="module")
 def real() -> dict[str, CZSLDataset]:
     """MIT-States and UT-Zappos straight from the shipped canonical files (no images needed)."""
@@ -338,3 +347,41 @@ def test_check_images_at_load_names_the_missing_files(tmp_path):
     (root / "images" / gone).unlink()
     with pytest.raises(DatasetError, match=rf"1 of {fixture.n_images} split images are missing .*first: {gone}\); do this"):
         CZSLDataset.from_root(root, check_images=True, fix="do this")
+
+
+# ---------------------------------------------------------------------------------------------
+# The content-addressed metadata cache
+# ---------------------------------------------------------------------------------------------
+def test_metadata_cache_serves_identical_records_and_never_stale_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("CZSL_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / METADATA
+    records = [{"image": "a_b/1.jpg", "attr": "a", "obj": "b", "set": "train"}]
+    torch.save(records, path)
+    assert load_metadata(path) == records
+    [cached] = list((tmp_path / "cache" / "metadata").glob("*.json"))
+
+    def no_torch_load(*args, **kwargs):
+        raise AssertionError("torch.load called although the records are cached")
+
+    monkeypatch.setattr(torch, "load", no_torch_load)
+    assert load_metadata(path) == records  # served from the cache
+    monkeypatch.undo()
+    monkeypatch.setenv("CZSL_CACHE", str(tmp_path / "cache"))
+    changed = records + [{"image": "a_b/2.jpg", "attr": "a", "obj": "b", "set": "test"}]
+    torch.save(changed, path)
+    assert load_metadata(path) == changed  # other bytes, other key: re-read
+    cached.write_text("{not json")  # a damaged cache entry is ignored
+    torch.save(records, path)
+    assert load_metadata(path) == records
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(DatasetError, match="truncated or corrupt"):
+        load_metadata(path)
+
+
+def test_metadata_cache_can_be_switched_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("CZSL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CZSL_METADATA_CACHE", "0")
+    path = tmp_path / METADATA
+    torch.save([{"image": "a_b/1.jpg", "attr": "a", "obj": "b", "set": "train"}], path)
+    load_metadata(path)
+    assert not (tmp_path / "cache").exists()

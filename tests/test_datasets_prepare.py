@@ -31,6 +31,15 @@ from fixtures.czsl_real_format import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _private_metadata_cache(tmp_path_factory):
+    """Keep the metadata cache (czsl_bench.cache root) inside pytest's temporary folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CZSL_CACHE", str(tmp_path_factory.getbasetemp() / "czsl-cache"))
+        yield
+
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
