@@ -145,3 +145,18 @@ def test_every_threshold_of_the_search_equals_dense_masking():
     for j in (0, 10, 25, 49):
         d = evaluate(mask_scores(s, feas, seen, grid[j]), gt, seen, allc, pa, po)
         assert d.auc == pytest.approx(out.val_auc[j], abs=0)
+
+
+@pytest.mark.parametrize("dataset, n_pairs, n_seen, index, csp_threshold", [
+    ("mit-states", 28175, 1262, 29, 0.4069159426),
+    ("ut-zappos", 192, 83, 18, 0.5299109123),
+    ("cgqa", 278362, 5592, 34, 0.49937106273612186),
+])
+def test_reference_feasibility_reproduces_csp_thresholds(dataset, n_pairs, n_seen, index, csp_threshold):
+    feas = __import__("czsl_bench.evaluation.feasibility", fromlist=["x"]).reference_feasibility(dataset)
+    assert feas.shape == (n_pairs,)
+    seen = feas == 0  # the files store 0 for exactly the training pairs
+    assert int(seen.sum()) == n_seen
+    grid = threshold_grid(feas, seen)
+    assert len(grid) == 50
+    assert abs(grid[index] - csp_threshold) < 3e-6
