@@ -167,12 +167,21 @@ class RunContext:
 
 
 def _image_features(ctx: RunContext, split: Any) -> torch.Tensor:
-    cache = ctx.cache
-    if cache is not None and hasattr(cache, "split_image_features"):
-        feats = cache.split_image_features(ctx.backbone, split, progress=ctx.progress)
-        return feats.float().cpu()
-    return encode_split_images(ctx.backbone, split, ctx.device, ctx.eval_batch_size,
-                               ctx.num_workers, ctx.progress)
+    if ctx.cache is None:
+        return encode_split_images(ctx.backbone, split, ctx.device, ctx.eval_batch_size,
+                                   ctx.num_workers, ctx.progress)
+    from czsl_bench.cache import split_image_features
+
+    with ctx.progress.task(f"image features: {split.name}", total=len(split)) as task:
+        done_so_far = [0]
+
+        def report(done: int, total: int) -> None:
+            task.advance(done - done_so_far[0])
+            done_so_far[0] = done
+
+        feats = split_image_features(ctx.backbone, split, ctx.cache, ctx.eval_batch_size,
+                                     ctx.num_workers, report)
+    return feats.float().cpu()
 
 
 @torch.no_grad()

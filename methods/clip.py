@@ -51,10 +51,17 @@ class CLIPZeroShot(Method):
         key = (split.world, start, stop)
         if key in self._text:  # val and test share the pair list of their world
             return self._text[key]
-        prompts = self.prompts(split.pairs[start:stop])
-        bs = self.config.text_batch_size
-        feats = [ctx.backbone.encode_text(prompts[i:i + bs]).float() for i in range(0, len(prompts), bs)]
-        feats = F.normalize(torch.cat(feats), dim=-1)
+        if ctx.cache is not None:  # content-hashed on disk: shared by seeds and runs
+            from czsl_bench.cache import pair_text_features
+
+            feats = pair_text_features(ctx.backbone, split.pairs[start:stop], self.config.template,
+                                       cache=ctx.cache, batch_size=self.config.text_batch_size, clean=clean_name)
+        else:
+            prompts = self.prompts(split.pairs[start:stop])
+            bs = self.config.text_batch_size
+            feats = torch.cat([ctx.backbone.encode_text(prompts[i:i + bs]).float()
+                               for i in range(0, len(prompts), bs)])
+        feats = F.normalize(feats.float().to(ctx.device), dim=-1)
         if stop - start == len(split.pairs):  # keep whole worlds only; blocks of huge ones stream
             self._text[key] = feats
         return feats

@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "table": "czsl_bench.cli.table:table",
     "backbone": "czsl_bench.cli.backbone:backbone",
     "ablate": "czsl_bench.cli.ablate:ablate",
+    "run": "czsl_bench.cli.run:run",
 }
 
 

@@ -1,0 +1,124 @@
+"""``czsl-bench run``: run methods on datasets over seeds, evaluate, write run records.
+
+Thin layer over :mod:`czsl_bench.api`: parses options, draws rich progress bars on stderr,
+prints one summary line per run on stdout and sets the exit code (0 all runs succeeded or were
+skipped, 1 a run failed, 2 usage error). torch is imported only inside the command body.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+
+def _split_seed(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    from czsl_bench.api import parse_seeds
+
+    try:
+        return parse_seeds(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("methods", metavar="METHOD[,METHOD...]")
+@click.option("--dataset", "-d", required=True, metavar="NAME[,NAME...]|all",
+              help="Dataset(s) to run on; `all` = every dataset present on disk.")
+@click.option("--seed", "-s", default="0", callback=_split_seed, metavar="SEEDS",
+              help="Seeds: 0,1,2 or a range 0-4.")
+@click.option("--setting", type=click.Choice(["closed", "open", "both"]), default="closed",
+              help="Evaluation setting; `both` trains once and writes one record per setting.")
+@click.option("--backbone", metavar="ARCH", default=None,
+              help="open_clip architecture [default: the dataset's; ViT-L-14-quickgelu for real data].")
+@click.option("--pretrained", metavar="TAG|PATH|none", default=None,
+              help="Weights: an open_clip tag, a checkpoint path, or none (random).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a method config field (repeatable), e.g. --set lr=1e-4.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="YAML/JSON/TOML file of method config values (below --set).")
+@click.option("--ablation", default=None, metavar="NAME", help="Run a named ablation of the method.")
+@click.option("--results-dir", type=click.Path(file_okay=False), default="results",
+              help="Where run records are written.")
+@click.option("--skip-existing", is_flag=True, help="Skip runs whose record already exists.")
+@click.option("--resume", is_flag=True, help="Continue training from the last epoch checkpoint.")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--deterministic", is_flag=True, help="Deterministic torch kernels (slower on GPU).")
+@click.option("--threshold", type=float, default=None,
+              help="Open world: use this feasibility threshold instead of searching it on val.")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None,
+              help="Dataset root (default: $CZSL_DATA/<name> or the dataset's cache).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Feature cache folder.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def run(methods, dataset, seed, setting, backbone, pretrained, overrides, config_file, ablation,
+        results_dir, skip_existing, resume, device, deterministic, threshold, data_root, cache_dir,
+        quiet):
+    """Run METHOD(s) on datasets and seeds; write one record per run and setting.
+
+    \b
+    Examples:
+      czsl-bench run clip,coop,csp --dataset synthetic --seed 0,1,2
+      czsl-bench run csp --dataset mit-states --setting both --set lr=5e-5
+      czsl-bench run csp --dataset all --skip-existing
+    """
+    from czsl_bench import api
+    from czsl_bench.config import ConfigError, parse_overrides
+    from czsl_bench.registry import METHODS, RegistryError
+
+    try:
+        specs, missing = api.plan(methods, dataset, seed, setting, data_root)
+        for name in api.split_names(methods):  # bad --set keys are usage errors: check them all first
+            cls = METHODS.get(name)
+            parse_overrides(list(overrides), cls.Config)
+            if ablation is not None and ablation not in cls.ablations():
+                known = ", ".join(sorted(cls.ablations())) or "none"
+                raise click.BadParameter(f"method {name!r} has no ablation {ablation!r}; known: {known}",
+                                         param_hint="--ablation")
+    except (RegistryError, ConfigError) as exc:
+        raise click.UsageError(str(exc)) from None
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+    for name, how in missing.items():
+        click.echo(f"skipping dataset {name}: not on disk; {how}", err=True)
+
+    from czsl_bench.cli.progress import RichProgress
+
+    opts = api.RunOptions(backbone=backbone, pretrained=pretrained, overrides=list(overrides),
+                          config_file=config_file, ablation=ablation, results_dir=results_dir,
+                          skip_existing=skip_existing, resume=resume, device=device,
+                          deterministic=deterministic, threshold=threshold, data_root=data_root,
+                          cache_dir=cache_dir)
+    failed = 0
+    started = time.perf_counter()
+    with RichProgress(enabled=not quiet) as progress:
+        opts.progress = progress
+        with progress.task("runs", total=len(specs)) as overall:
+            for spec in specs:
+                overall.update(description=f"run {spec.describe()}")
+                outcome = api.execute(spec, opts)
+                progress.print(_summary(outcome))
+                failed += outcome.error is not None
+                overall.advance()
+    elapsed = time.perf_counter() - started
+    done = len(specs) - failed
+    click.echo(f"{done}/{len(specs)} runs ok, {failed} failed, {elapsed:.1f} s; records in {results_dir}",
+               err=True)
+    if failed:
+        sys.exit(1)
+
+
+def _summary(outcome) -> str:
+    spec = outcome.spec
+    if outcome.error is not None:
+        return f"FAILED {spec.describe()}: {outcome.error}"
+    parts = []
+    for record in outcome.records:
+        test = record.metrics.get("test", {})
+        parts.append(f"{record.setting}: AUC {100 * test.get('auc', float('nan')):.2f} "
+                     f"HM {100 * test.get('best_hm', float('nan')):.2f} "
+                     f"S {100 * test.get('best_seen', float('nan')):.2f} "
+                     f"U {100 * test.get('best_unseen', float('nan')):.2f}")
+    state = "skipped (exists)" if outcome.skipped else f"{outcome.seconds:.1f} s"
+    return f"{spec.method} {spec.dataset} seed{spec.seed}: {'; '.join(parts)} [{state}]"
