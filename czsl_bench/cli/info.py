@@ -34,7 +34,14 @@ def count_parameters(method_cls: Any, config: Any, dataset: str, arch: str,
     from czsl_bench.backbone import load_backbone
     from czsl_bench.method import RunContext, parameter_counts
 
-    data = load_dataset(dataset, data_root)
+    try:
+        data = load_dataset(dataset, data_root)
+    except (OSError, ValueError):
+        # Counts depend only on the vocabulary: fall back to the split files shipped with the
+        # package when the images are not on this machine.
+        data = _shipped_vocabulary(dataset)
+        if data is None:
+            raise
     backbone = load_backbone(arch, None, device="cpu")
     method = method_cls(config)
     ctx = RunContext(dataset_name=dataset, dataset=data, backbone=backbone, config=config, seed=0,
@@ -42,6 +49,23 @@ def count_parameters(method_cls: Any, config: Any, dataset: str, arch: str,
     with torch.no_grad():
         method.prepare(ctx)
     return parameter_counts(method, backbone)
+
+
+def _shipped_vocabulary(dataset: str) -> Any:
+    """``attrs``, ``objs`` and ``train_pairs`` from ``czsl_bench/datasets/canonical/<dataset>/``
+    (the standard pair files), or None when the package ships none for ``dataset``."""
+    from importlib import resources
+    from types import SimpleNamespace
+
+    from czsl_bench.datasets.czsl_format import read_pair_file
+
+    folder = resources.files("czsl_bench.datasets") / "canonical" / dataset / "compositional-split-natural"
+    if not folder.is_dir():
+        return None
+    splits = {s: read_pair_file(Path(str(folder / f"{s}_pairs.txt"))) for s in ("train", "val", "test")}
+    pairs = [p for ps in splits.values() for p in ps]
+    return SimpleNamespace(attrs=sorted({a for a, _ in pairs}), objs=sorted({o for _, o in pairs}),
+                           train_pairs=splits["train"])
 
 
 def method_info(method: str, dataset: str, backbone: str | None = None, pretrained: str | None = None,
