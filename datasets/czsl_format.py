@@ -73,7 +73,7 @@ class ImageDecodeError(OSError):
             _, sep, tail = message.rpartition(f"{type(self).__name__}: ")
             if sep:
                 message = tail.strip().splitlines()[0] if tail.strip() else message
-        super().__init__(message, *args) if args else super().__init__(message)
+        super().__init__(message, *args)
 
     def __str__(self) -> str:  # OSError's default str would format (errno, strerror) tuples
         return str(self.args[0]) if self.args else ""
