@@ -116,6 +116,11 @@ class Assignment:
 def assign_and_update(memory: PrototypeMemory, features: Tensor, labels: Tensor, cfg: ClusProConfig) -> Assignment:
     """Solve the batched local-aware OT for the primitives present in ``labels`` and update their
     prototypes by EMA (spec §3.3-§3.4). ``features`` are the detached stage-1 outputs ``[B, D]``."""
+    with torch.autocast(features.device.type, enabled=False):  # the OT runs in float64
+        return _assign_and_update(memory, features, labels, cfg)
+
+
+def _assign_and_update(memory: PrototypeMemory, features: Tensor, labels: Tensor, cfg: ClusProConfig) -> Assignment:
     paper = cfg.variant == "paper"
     feats = features.detach().double()
     if paper:

@@ -343,12 +343,13 @@ def nhsic(x: Tensor, y: Tensor) -> Tensor:
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"nhsic needs paired samples: x has {x.shape[0]} rows, y has {y.shape[0]}")
     n = x.shape[0]
-    x = F.normalize(x.float(), dim=-1)
-    y = F.normalize(y.float(), dim=-1)
-    centring = torch.eye(n, device=x.device) - 1.0 / n
-    kx = _gaussian_kernel(x) @ centring
-    ky = _gaussian_kernel(y) @ centring
-    return _hsic(kx, ky) / torch.sqrt(_hsic(kx, kx) * _hsic(ky, ky)).clamp_min(1e-12)
+    with torch.autocast(x.device.type, enabled=False):  # kernels need float32 (the code: CPU fp32)
+        x = F.normalize(x.float(), dim=-1)
+        y = F.normalize(y.float(), dim=-1)
+        centring = torch.eye(n, device=x.device) - 1.0 / n
+        kx = _gaussian_kernel(x) @ centring
+        ky = _gaussian_kernel(y) @ centring
+        return _hsic(kx, ky) / torch.sqrt(_hsic(kx, kx) * _hsic(ky, ky)).clamp_min(1e-12)
 
 
 # --------------------------------------------------------------------------------------------

@@ -348,8 +348,8 @@ class ThreePathConfig(TrainConfig):
         if key == "synthetic":
             # tiny ViT at 64 px on 2 CPU cores: a few epochs, larger LR (the tiny model is far
             # from converged on the world at the paper's 1e-4)
-            return dict(epochs=6, batch_size=64, lr=1e-3, weight_decay=5e-5, scheduler="step",
-                        step_size=4, gamma=0.5, vocab_dropout=0.3, amp=False)
+            return dict(epochs=4, batch_size=64, lr=1e-3, weight_decay=5e-5, scheduler="step",
+                        step_size=2, gamma=0.5, vocab_dropout=0.3, amp=False)
         batch = {"mit-states": 64, "ut-zappos": 128, "cgqa": 16}[key]
         return dict(epochs=15, batch_size=batch, lr=1e-4, weight_decay=5e-5, scheduler="step",
                     step_size=5, gamma=0.5, vocab_dropout=0.0 if key == "cgqa" else 0.3,
