@@ -292,14 +292,18 @@ def resolve_method_config(method_cls: Any, dataset: str, overrides: Sequence[str
 
 
 def default_backbone(dataset: str, backbone: str | None, pretrained: str | None) -> tuple[str, str | None]:
-    """The backbone of a run: explicit values, else the dataset's embedded one, else ViT-L/14 OpenAI."""
-    arch, tag = EMBEDDED_BACKBONES.get(dataset, DEFAULT_BACKBONE)
-    if backbone is not None:
-        arch = backbone
-        tag = pretrained if pretrained is not None else (tag if arch == EMBEDDED_BACKBONES.get(dataset, DEFAULT_BACKBONE)[0] else "openai")
-    elif pretrained is not None:
-        tag = pretrained
-    return arch, (None if tag in (None, "none", "") else tag)
+    """The backbone of a run: explicit values, else the dataset's embedded one, else ViT-L/14 OpenAI.
+
+    ``--backbone`` alone keeps the dataset's weights tag when it names the dataset's default
+    architecture and means ``openai`` otherwise; ``--pretrained none`` gives random weights.
+    """
+    default_arch, default_tag = EMBEDDED_BACKBONES.get(dataset, DEFAULT_BACKBONE)
+    arch = backbone or default_arch
+    if pretrained is not None:
+        tag: str | None = pretrained
+    else:
+        tag = default_tag if arch == default_arch else "openai"
+    return arch, (None if tag in (None, "", "none") else tag)
 
 
 def resolve_device(device: str) -> Any:
@@ -384,26 +388,27 @@ def _run_spec(spec: RunSpec, opts: RunOptions) -> list[RunRecord]:
                 config=config_to_dict(config),
                 backbone={"arch": arch, "pretrained": tag, **_backbone_info(backbone)},
                 chosen_epoch=fit.chosen_epoch if fit is not None else None, params=params)
+    env = environment(device)
     records: list[RunRecord] = []
     for setting in spec.settings:
         clock = time.perf_counter()
         if setting == "closed":
             val = _evaluate(method, ctx, val_closed)
             test = _evaluate(method, ctx, ctx.split("test", "closed"))
-            threshold = None
+            threshold, provenance = None, {}
         else:
-            val, test, threshold = _evaluate_open(method, ctx, opts.threshold)
+            val, test, threshold, source = _evaluate_open(method, ctx, opts.threshold)
+            provenance = {"feasibility": source}
         lap(f"evaluate_{setting}")
         run_timings = {k: v for k, v in timings.items() if not k.startswith("evaluate_") or k == f"evaluate_{setting}"}
         run_timings["total"] = round(time.perf_counter() - t_start, 3)
-        training = {"fit": fit.to_dict() if fit is not None else None}
         record = RunRecord(
             **base, setting=setting, protocol=test.protocol,
             metrics={"val": _metrics(val), "test": _metrics(test)},
             n_images={"val": val.n_images, "test": test.n_images},
-            open_threshold=threshold, timings=run_timings,
-            environment={**environment(device), "seed": {"seed": seed_info.seed, "deterministic": seed_info.deterministic},
-                         **training},
+            open_threshold=threshold, timings=run_timings, provenance=provenance,
+            environment={**env, "seeding": {"seed": seed_info.seed, "deterministic": seed_info.deterministic},
+                         "training": fit.to_dict() if fit is not None else None},
         )
         if opts.write:
             write_record(record, opts.results_dir)
@@ -452,15 +457,60 @@ def _check_shape(scores: Any, split: Any, method: Any) -> None:
                          f"{split.name}/{split.world}; expected {expected} (images x pairs)")
 
 
-def _evaluate_open(method: Any, ctx: Any, threshold: float | None) -> tuple[Any, Any, float]:
-    """Open world: search the feasibility threshold on val, apply it to test (spec §5.3)."""
-    from czsl_bench import evaluation
+def _evaluate_open(method: Any, ctx: Any, threshold: float | None) -> tuple[Any, Any, float, str]:
+    """Open world: search the feasibility threshold on val, apply it to test (spec-evaluator §5.3)."""
+    from czsl_bench.evaluation.feasibility import open_world_splits
 
-    search = getattr(evaluation, "search_threshold", None)
-    if search is None:
-        raise NotImplementedError("open-world evaluation needs czsl_bench.evaluation.search_threshold, "
-                                  "which this installation lacks; run --setting closed")
-    raise NotImplementedError("open-world evaluation: adapter pending")
+    val_split, test_split = ctx.split("val", "open"), ctx.split("test", "open")
+    feasibility, source = open_world_feasibility(ctx.dataset_name, ctx.dataset, ctx.backbone, test_split)
+    out = open_world_splits(_score_source(method, ctx, val_split), val_split,
+                            _score_source(method, ctx, test_split), test_split, feasibility,
+                            threshold=threshold)
+    return out.val, out.test, float(out.threshold), source
+
+
+def _score_source(method: Any, ctx: Any, split: Any) -> Any:
+    """A dense tensor, or a re-iterable block source (the reducer may re-read a few rows)."""
+    import torch
+
+    with torch.no_grad():
+        scores = method.score(ctx, split)
+    if isinstance(scores, torch.Tensor):
+        _check_shape(scores, split, method)
+        return scores.float().cpu()
+
+    def blocks():
+        with torch.no_grad():
+            yield from method.score(ctx, split)
+
+    return blocks
+
+
+def open_world_feasibility(name: str, dataset: Any, backbone: Any, split: Any) -> tuple[Any, str]:
+    """The feasibility vector over ``split.pairs`` (attr-major open world) and where it came from.
+
+    MIT-States, UT-Zappos and C-GQA use the GloVe vectors of CSP/Troika/ClusPro (the papers'
+    numbers depend on them). Other datasets (the synthetic world, third-party plugins) get the
+    same CompCos formula over the backbone's mean token embeddings of the cleaned names (PLID's
+    CLIP-embedding option); never the dataset's true feasibility, which would leak the answer.
+    """
+    import torch
+
+    from czsl_bench.evaluation.feasibility import REFERENCE_SHA256, compute_feasibility, reference_feasibility
+
+    if name in REFERENCE_SHA256:
+        feas = reference_feasibility(name)
+        if len(feas) != len(split.pairs):
+            raise ValueError(f"the reference feasibility of {name} has {len(feas)} pairs but the open world "
+                             f"has {len(split.pairs)}; is the dataset copy the standard one? (czsl-bench data check {name})")
+        return feas, "glove-reference"
+    clean = lambda n: n.replace(".", " ").lower()  # noqa: E731  (the repos' name cleaning)
+    with torch.no_grad():
+        attr_emb = backbone.word_embedding([clean(a) for a in dataset.attrs]).float().cpu()
+        obj_emb = backbone.word_embedding([clean(o) for o in dataset.objs]).float().cpu()
+    seen = torch.nonzero(split.seen_mask).squeeze(1)
+    seen_pairs = list(zip(split.pair_attr[seen].tolist(), split.pair_obj[seen].tolist()))
+    return compute_feasibility(attr_emb, obj_emb, seen_pairs), "backbone-token-embeddings"
 
 
 def _load_backbone(arch: str, tag: str | None, device: Any) -> Any:

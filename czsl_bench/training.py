@@ -70,7 +70,18 @@ class FitResult:
     history: list[EpochLog] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-ready (NaN/inf, e.g. the loss of an epoch whose batches were all skipped, → None)."""
+        return _finite_or_none(asdict(self))
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def train_config(method: Method) -> TrainConfig:
