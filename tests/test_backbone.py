@@ -396,3 +396,19 @@ def test_preprocess_matches_the_repos_eval_transform(tiny):
     out = tiny.preprocess_eval(Image.new("RGB", (50, 40), (255, 0, 0)))
     assert out.shape == (3, 32, 32)
     assert json.dumps(d)  # JSON-able for cache keys
+
+
+def test_the_packaged_tiny_config_is_registered():
+    """czsl-tiny-vit ships as an open_clip JSON config in czsl_bench/data/backbones/."""
+    if not (bb.packaged_backbone_dir() / "czsl-tiny-vit.json").is_file():
+        pytest.skip("czsl-tiny-vit.json is not packaged in this checkout")
+    tiny = load_backbone("czsl-tiny-vit", None, device="cpu")
+    cfg = json.loads((bb.packaged_backbone_dir() / "czsl-tiny-vit.json").read_text())
+    assert tiny.embed_dim == cfg["embed_dim"] and tiny.image_size == cfg["vision_cfg"]["image_size"]
+    with torch.no_grad():
+        assert tiny.encode_image(torch.zeros(1, 3, tiny.image_size, tiny.image_size)).shape == (1, cfg["embed_dim"])
+    weights = bb._packaged_weights("czsl-tiny-vit", "synthetic")
+    if weights is not None:  # once the pretrained tiny model is committed, the tag loads it
+        trained = load_backbone("czsl-tiny-vit", "synthetic", device="cpu")
+        assert trained.weights_source == f"synthetic ({weights.name})"
+        assert trained.weights_hash != tiny.weights_hash
