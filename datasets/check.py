@@ -261,6 +261,14 @@ def _inspect(plugin: StandardDataset, root: Path, images: str, strict: bool, rep
         add("warning", f"{name}: {len(assignment.off_split):,} metadata record(s) have a pair that is not in "
             f"their own split's pair file (first: {examples[0]})",
             "the standard loaders keep them; check that the split files and the metadata belong together", examples)
+    with_images = {(a, o) for _, a, o in assignment.images["train"]}
+    empty = [p for p in pairs["train"] if p not in with_images]
+    if empty:
+        # the original C-GQA release had 133 such pairs (czsl#3): a model cannot learn them
+        examples = [f"{a} {o}" for a, o in empty[:SHOW]]
+        add("warning", f"{name}: {len(empty):,} train pair(s) have no training image (first: {examples[0]})",
+            "an old or partial release? (the original C-GQA had 133 such pairs; use the updated release)",
+            examples)
     try:
         descriptions = load_descriptions(root / "descriptions.json")
     except DatasetError as exc:

@@ -213,6 +213,13 @@ def test_cgqa_fixture_and_canonical_caveat(tmp_path):
     assert int(ds.split("test").candidate_mask.sum()) == 6515 and int(ds.split("val").candidate_mask.sum()) == 6844
     # published image counts cannot hold for a generated metadata file
     assert "test_images 1,811 (expected 5,098)" in load_error("cgqa", root)
-    (root / "compositional-split-natural" / "train_pairs.txt").open("a").write("tiny elephant\n")
+    records = torch.load(root / METADATA, weights_only=True)
+    first_train = records[0]
+    torch.save(records[1:], root / METADATA)  # the first train pair loses its only training image
+    empty = [w for w in plugin.check(root, strict=False, images="none").warnings() if "no training image" in w.message]
+    assert empty and f"1 train pair(s) have no training image (first: {first_train['attr']} {first_train['obj']})" in \
+        empty[0].message
+    with (root / "compositional-split-natural" / "train_pairs.txt").open("a") as f:
+        f.write("tiny elephant\n")
     warning = [w for w in plugin.check(root, strict=False, images="none").warnings() if "canonical" in w.message]
     assert "not byte-verified" in warning[0].fix
