@@ -165,6 +165,7 @@ class SoftPromptMethod(Method):
         self.prompt = SoftPrompt(ctx.backbone, ds.attrs, ds.objs, ctx.device, self.learn_context,
                                  self.learn_vocab, cfg.attr_dropout if self.use_dropout else 0.0,
                                  cfg.context_length)
+        self.prompt.eval()  # scoring never drops out; the Trainer switches training mode on
         self.scale = logit_scale(ctx.backbone)
         train = ctx.split("train", "closed")
         seen = torch.nonzero(train.seen_mask).squeeze(1)
