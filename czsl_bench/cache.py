@@ -72,10 +72,8 @@ def default_cache_root() -> Path:
 
 def _canonical(value: Any, where: str = "parts") -> Any:
     """JSON-ready copy of ``value``; rejects types whose text form would not be stable."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return repr(value)  # exact round-trip text, unlike JSON's float formatting choices
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value  # json writes floats with repr: exact round-trip, and 1 != 1.0 != "1.0"
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if isinstance(value, Mapping):
