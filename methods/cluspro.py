@@ -277,6 +277,12 @@ class ClusPro(ThreePathMethod):
         return grid
 
     @classmethod
+    def ablation_equivalents(cls) -> dict[str, str]:
+        """Ablations that are another registered method with the same config: ``ablate`` reuses
+        that method's records instead of training it again."""
+        return {"base": "cluspro-base"}
+
+    @classmethod
     def ablation_sweeps(cls) -> dict[str, dict[str, float]]:
         """The one-dimensional sweeps of :meth:`ablations`, for the ablation plot
         (panel title -> {ablation name: swept value})."""
@@ -306,6 +312,10 @@ class ClusProBase(ClusPro):
 
     @classmethod
     def ablation_sweeps(cls) -> dict[str, dict[str, float]]:
+        return {}
+
+    @classmethod
+    def ablation_equivalents(cls) -> dict[str, str]:
         return {}
 
 

@@ -312,3 +312,31 @@ def test_vit_l14_parameter_count_matches_the_paper():
     with torch.no_grad():
         method.prepare(RunContext(dataset_name="ut-zappos", dataset=data, backbone=backbone, config=cfg, seed=0))
     assert parameter_counts(method, backbone)["trainable"] == 8_740_608
+
+
+# ---- the ablation plot ----------------------------------------------------------------------
+
+
+def _record(variant, seed, auc):
+    from czsl_bench.records import RunRecord
+
+    return RunRecord(method="cluspro", dataset="synthetic", setting="closed", seed=seed, variant=variant,
+                     metrics={"val": {"auc": auc}, "test": {"auc": auc, "best_hm": auc}})
+
+
+def test_ablation_plot_draws_every_sweep_from_records(tmp_path):
+    from czsl_bench.plots import _mean_std, _values, ablation_sweep_figure
+
+    records = [_record(f"mu-{mu:g}", s, 0.1 + mu / 10 + s / 100) for mu in (0, 0.5, 0.9, 0.99) for s in range(3)]
+    records += [_record(f"k-{k}", s, 0.1 + k / 100) for k in (1, 3, 5) for s in range(2)]
+    records += [_record("base", s, 0.05) for s in range(3)] + [_record(None, 0, 0.3)]
+    assert sorted(_values(records, "cluspro", "synthetic", "mu-0.5", "auc", "closed", "test")) == \
+        pytest.approx([0.15, 0.16, 0.17])
+    assert _values(records, "cluspro", "synthetic", "full", "auc", "closed", "test") == [0.3]  # variant None
+    mean, std = _mean_std([0.15, 0.16, 0.17])
+    assert (mean, std) == (pytest.approx(0.16), pytest.approx(0.01))
+    out = ablation_sweep_figure(records, "cluspro", "synthetic", ClusPro.ablation_sweeps(), tmp_path / "a" / "p.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list((tmp_path / "a").glob(".*"))  # no temp file left behind
+    with pytest.raises(ValueError, match="czsl-bench ablate"):
+        ablation_sweep_figure(records, "cluspro", "ut-zappos", ClusPro.ablation_sweeps(), tmp_path / "q.png")

@@ -79,10 +79,24 @@ def ablate(method, dataset, seed, only, setting, backbone, pretrained, overrides
         # one training per distinct resolved config; later duplicates become aliases
         runs: dict[str, str] = {}  # ablation -> the ablation whose run it reuses (itself if none)
         by_config: dict[str, str] = {}
+        keys: dict[str, str] = {}
         for name in names:
             cfg = api.resolve_method_config(cls, dataset, list(overrides), name)
-            key = repr(sorted(config_to_dict(cfg).items()))
-            runs[name] = by_config.setdefault(key, name)
+            keys[name] = repr(sorted(config_to_dict(cfg).items()))
+            runs[name] = by_config.setdefault(keys[name], name)
+        # records of other runs with the identical config: the plain method (variant None) and
+        # methods the plugin declares equivalent to an ablation (ClusPro: base = cluspro-base)
+        existing: dict[str, tuple[str, str | None]] = {}
+        plain_key = repr(sorted(config_to_dict(api.resolve_method_config(cls, dataset, list(overrides))).items()))
+        equivalents = getattr(cls, "ablation_equivalents", lambda: {})()
+        for name in names:
+            if keys[name] == plain_key:
+                existing[name] = (method, None)
+            elif name in equivalents:
+                other = METHODS.get(equivalents[name])
+                other_cfg = api.resolve_method_config(other, dataset, list(overrides))
+                if repr(sorted(config_to_dict(other_cfg).items())) == keys[name]:
+                    existing[name] = (equivalents[name], None)
     except (RegistryError, ConfigError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     for name, how in missing.items():
@@ -103,6 +117,12 @@ def ablate(method, dataset, seed, only, setting, backbone, pretrained, overrides
                                       progress=progress)
                 for spec in specs:
                     overall.update(description=f"{name}: {spec.describe()}")
+                    if name in existing and _copy_existing(existing[name], method, name, dataset, spec,
+                                                           results_dir):
+                        progress.print(f"{name} seed{spec.seed}: same configuration as "
+                                       f"{existing[name][0]} (plain run); record copied")
+                        overall.advance()
+                        continue
                     outcome = api.execute(spec, opts)
                     state = "skipped (exists)" if outcome.skipped else f"{outcome.seconds:.1f} s"
                     if outcome.error is not None:
@@ -132,6 +152,29 @@ def ablate(method, dataset, seed, only, setting, backbone, pretrained, overrides
     _print_table_and_plot(cls, method, dataset, setting, results_dir, plot_path, fmt, names)
     if failed:
         sys.exit(1)
+
+
+def _copy_existing(source: tuple[str, str | None], method: str, name: str, dataset: str, spec,
+                   results_dir: Path) -> bool:
+    """Copy finished records of an identical configuration (another method or the plain run)
+    to the ablation's path; True when every setting of ``spec`` is now covered."""
+    from czsl_bench.records import is_finished, read_record, record_path, write_record
+
+    src_method, src_variant = source
+    done = True
+    for s in spec.settings:
+        dst = record_path(results_dir, method, dataset, s, spec.seed, name)
+        if is_finished(dst):
+            continue
+        src = record_path(results_dir, src_method, dataset, s, spec.seed, src_variant)
+        if not is_finished(src):
+            done = False
+            continue
+        rec = read_record(src)
+        note = (f"identical configuration to {src_method}"
+                + (f" ablation {src_variant!r}" if src_variant else "") + ": record copied, not re-run")
+        write_record(dataclasses.replace(rec, method=method, variant=name, notes=note), results_dir)
+    return done
 
 
 def _print_table_and_plot(cls, method: str, dataset: str, setting: str, results_dir: Path,
