@@ -30,6 +30,10 @@ from fixtures.czsl_real_format import (
     subset_records,
 )
 
+# Fixtures with a subset of the images load with strict=False, which still warns about the counts.
+pytestmark = pytest.mark.filterwarnings("ignore:.*counts differ from the published statistics:UserWarning",
+                                        "ignore:.*differ from the canonical copies:UserWarning")
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _private_metadata_cache(tmp_path_factory):
