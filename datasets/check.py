@@ -115,7 +115,7 @@ class CheckReport:
             out.append("  split files against the canonical copies (sha256):")
             for name, status in self.checksums:
                 out.append(f"    {name:<52} {status}")
-        if self.image_mode != "none":
+        if self.image_mode != "none" and self.images_checked:
             out.append("")
             out.append(f"  images checked ({self.image_mode}): {self.images_checked:,}")
         for finding in self.findings:

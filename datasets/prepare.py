@@ -131,7 +131,7 @@ def download(source: Source, dest_dir: Path, state: dict, fetch: Fetch, urls: li
         try:
             fetch(url, part)
         except OSError as exc:
-            failures.append(f"{url}: {exc}")
+            failures.append(str(exc) if url in str(exc) else f"{url}: {exc}")
             continue
         digest = sha256_file(part)
         if sha256 is not None and digest != sha256:
