@@ -376,7 +376,6 @@ class Backbone(nn.Module):
         self.arch = arch
         self.pretrained = pretrained
         self.weights_source = weights_source
-        self.device = device
         self.precision = precision
         self.preprocess_cfg = dict(preprocess_cfg)
         pp = PreprocessCfg(**self.preprocess_cfg)
@@ -389,6 +388,11 @@ class Backbone(nn.Module):
         self.model.eval()
 
     # ---- shapes and constants --------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (follows ``.to(...)``)."""
+        return self.model.logit_scale.device
+
     @property
     def visual(self) -> nn.Module:
         return self.model.visual

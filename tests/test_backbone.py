@@ -412,3 +412,18 @@ def test_the_packaged_tiny_config_is_registered():
         trained = load_backbone("czsl-tiny-vit", "synthetic", device="cpu")
         assert trained.weights_source == f"synthetic ({weights.name})"
         assert trained.weights_hash != tiny.weights_hash
+
+
+def test_hub_tag_path_uses_the_cached_file_and_the_tag_preprocessing(tiny, tmp_path, monkeypatch):
+    save_file(_state(tiny), str(tmp_path / "open_clip_model.safetensors"))
+    fake = {"hf_hub": "org/model/", "quick_gelu": True, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    real_cfg = open_clip.get_pretrained_cfg
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda arch, tag: fake if tag == "fake" else real_cfg(arch, tag))
+    monkeypatch.setattr(bb, "_cached_hub_file", lambda pcfg, cache_dir: str(tmp_path / "open_clip_model.safetensors"))
+    monkeypatch.setattr(bb, "_hub_reachable", lambda host="huggingface.co": pytest.fail("network touched"))
+    loaded = load_backbone(tiny.arch, "fake", device="cpu")
+    assert loaded.weights_source == "fake (open_clip_model.safetensors)"
+    assert loaded.weights_hash == tiny.weights_hash
+    assert loaded.describe_preprocess()["mean"] == [0.5, 0.5, 0.5]
+    assert loaded.describe_preprocess()["std"] == [0.25, 0.25, 0.25]
+
