@@ -27,7 +27,7 @@ import os
 import socket
 import warnings
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ __all__ = [
     "register_packaged_configs",
     "resolve_device",
     "resolve_precision",
+    "state_dict_hash",
 ]
 
 log = logging.getLogger(__name__)
@@ -813,8 +814,3 @@ def load_backbone(
     )
     return backbone.eval()  # adapters added later follow the mode; call .train() to train them
 
-
-def iter_batches(n: int, batch_size: int) -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` index ranges covering ``range(n)``."""
-    for start in range(0, n, batch_size):
-        yield start, min(n, start + batch_size)
