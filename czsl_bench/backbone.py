@@ -234,7 +234,7 @@ def _fit_state_dict(model: nn.Module, state: dict[str, Tensor], source: str, arc
             parts.append(f"{len(mismatched)} with another shape (e.g. {mismatched[0]})")
         raise ValueError(
             f"checkpoint {source} does not fit architecture {arch!r}: {'; '.join(parts)} keys; "
-            "pass the --arch the checkpoint was made for"
+            "pass the --backbone the checkpoint was made for"
         )
     model.load_state_dict(state, strict=True)
 
@@ -762,7 +762,7 @@ def load_backbone(
             fix = f"{arch}-quickgelu" if not arch_quick_gelu else arch.removesuffix("-quickgelu")
             raise ValueError(
                 f"weights {tag!r} were trained with {'QuickGELU' if not arch_quick_gelu else 'GELU'} but {arch!r} "
-                f"uses the other activation; use --arch {fix}"
+                f"uses the other activation; use --backbone {fix}"
             )
         path = _download_tag(arch, tag, pcfg, cache_dir)
         state, fmt = read_checkpoint(path)
@@ -782,7 +782,7 @@ def load_backbone(
         state, fmt = read_checkpoint(path)
         if fmt.startswith("openai") and not arch_quick_gelu:
             raise ValueError(
-                f"{path.name} is an OpenAI checkpoint (QuickGELU) but {arch!r} uses GELU; use --arch {arch}-quickgelu"
+                f"{path.name} is an OpenAI checkpoint (QuickGELU) but {arch!r} uses GELU; use --backbone {arch}-quickgelu"
             )
         source = str(path)
     else:

@@ -328,7 +328,7 @@ def test_checkpoint_for_another_arch_is_one_clear_line(tiny, tmp_path):
     state["visual.conv1.weight"] = torch.zeros(64, 3, 16, 16)  # a patch-16 model
     state["visual.extra"] = torch.zeros(1)
     save_file(state, str(tmp_path / "b.safetensors"))
-    with pytest.raises(ValueError, match=r"does not fit architecture .*1 missing .*1 unexpected .*1 with another shape.*--arch") as info:
+    with pytest.raises(ValueError, match=r"does not fit architecture .*1 missing .*1 unexpected .*1 with another shape.*--backbone") as info:
         load_backbone(tiny.arch, str(tmp_path / "b.safetensors"), device="cpu")
     assert "\n" not in str(info.value)
 
@@ -342,7 +342,7 @@ def test_openai_checkpoint_needs_a_quickgelu_arch(tiny, tmp_path):
     torch.save(sd, tmp_path / "openai.pt")
     with pytest.raises(ValueError, match="QuickGELU.*-quickgelu"):
         load_backbone("czsl-test-gelu", str(tmp_path / "openai.pt"), device="cpu")
-    with pytest.raises(ValueError, match="use --arch ViT-L-14-quickgelu"):
+    with pytest.raises(ValueError, match="use --backbone ViT-L-14-quickgelu"):
         load_backbone("ViT-L-14", "openai", device="cpu")
 
 
