@@ -153,7 +153,10 @@ class RunContext:
         """
         key = (split.name, "eval")
         if key not in self._features:
-            self._features[key] = _image_features(self, split)
+            # A DataLoader draws its base seed from the global RNG: without the fork, a cache hit
+            # (no loader) and a miss would leave training on different random streams.
+            with torch.random.fork_rng(devices=[]):
+                self._features[key] = _image_features(self, split)
         return self._features[key]
 
     def fit(self, method: Method) -> FitResult | None:

@@ -37,9 +37,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from czsl_bench.method import Method, NullProgress, RunContext, TrainConfig
-from czsl_bench.seeding import loader_generator, worker_init_fn
+from czsl_bench.seeding import hash_seed, loader_generator, worker_init_fn
 
 CHECKPOINT_VERSION = 1
+_TRAIN_STREAM = 0x7EA1
 LAST = "last.pt"
 
 Validate = Callable[[Method], dict[str, float]]
@@ -160,6 +161,11 @@ class Trainer:
                 best_state = ckpt["best_state"]
                 nonfinite = ckpt["nonfinite"]
                 start_epoch = resumed_from = ckpt["epoch"]
+
+        if resumed_from is None:
+            # Training randomness (dropout, augmentation) starts from the run seed, whatever
+            # prepare() consumed before (a cache hit and a miss draw differently).
+            _reseed(self.seed)
 
         select = cfg.select_metric
         if select != "last" and self.validate is None:
@@ -364,6 +370,13 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 def _clone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
             for k, v in state.items()}
+
+
+def _reseed(seed: int) -> None:
+    stream = hash_seed(seed, _TRAIN_STREAM)
+    random.seed(stream)
+    np.random.seed(stream % 2**32)
+    torch.manual_seed(stream)
 
 
 def _get_rng_state() -> dict[str, Any]:
