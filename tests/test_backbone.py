@@ -99,9 +99,14 @@ def test_resolve_device_and_precision():
         resolve_precision("bf16", torch.device("cpu"))
 
 
-def test_autocast_is_a_noop_on_cpu(tiny):
+@pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")
+def test_autocast_is_a_noop_on_cpu_and_bf16_on_cuda(tiny):
     with tiny.autocast():
         assert tiny.encode_image(images()).dtype == torch.float32
+    tiny.precision = "bf16"  # what load_backbone picks on a GPU (not available on the test machine)
+    ctx = tiny.autocast()
+    assert isinstance(ctx, torch.autocast) and ctx.device == "cuda" and ctx.fast_dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in tiny.model.parameters())  # weights stay fp32 (AMP)
 
 
 # ---- adapters ---------------------------------------------------------------------------------
