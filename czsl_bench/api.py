@@ -149,6 +149,9 @@ def dataset_status(data_root: str | Path | None = None) -> tuple[list[str], dict
         except LookupError as exc:
             missing[name] = str(exc)
             continue
+        if name in EMBEDDED_BACKBONES or getattr(plugin, "embedded", False):
+            present.append(name)  # generated on first use: always available
+            continue
         ok, how = _is_present(plugin, data_root)
         if ok:
             present.append(name)
@@ -392,13 +395,14 @@ def _run_spec(spec: RunSpec, opts: RunOptions) -> list[RunRecord]:
     records: list[RunRecord] = []
     for setting in spec.settings:
         clock = time.perf_counter()
-        if setting == "closed":
-            val = _evaluate(method, ctx, val_closed)
-            test = _evaluate(method, ctx, ctx.split("test", "closed"))
-            threshold, provenance = None, {}
-        else:
-            val, test, threshold, source = _evaluate_open(method, ctx, opts.threshold)
-            provenance = {"feasibility": source}
+        with progress.task(f"evaluate {setting} world (val, test)", total=1):
+            if setting == "closed":
+                val = _evaluate(method, ctx, val_closed)
+                test = _evaluate(method, ctx, ctx.split("test", "closed"))
+                threshold, provenance = None, {}
+            else:
+                val, test, threshold, source = _evaluate_open(method, ctx, opts.threshold)
+                provenance = {"feasibility": source}
         lap(f"evaluate_{setting}")
         run_timings = {k: v for k, v in timings.items() if not k.startswith("evaluate_") or k == f"evaluate_{setting}"}
         run_timings["total"] = round(time.perf_counter() - t_start, 3)

@@ -254,10 +254,11 @@ class Trainer:
             scaler.unscale_(optimizer)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            scale = scaler.get_scale()
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            return 0
+            return int(scaler.get_scale() < scale)  # the scaler lowers its scale when it skips
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
         if not torch.isfinite(norm):
             optimizer.zero_grad(set_to_none=True)
