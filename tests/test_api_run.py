@@ -19,6 +19,7 @@ from czsl_bench.cli import cli
 from czsl_bench.method import Method, NoConfig
 from czsl_bench.records import read_record, record_path
 from czsl_bench.registry import METHODS
+from czsl_bench.seeding import set_deterministic
 from fixtures.toy_world import registered_toy_dataset
 
 TINY = dict(backbone="czsl-tiny-vit", pretrained="none")
@@ -72,6 +73,12 @@ def test_same_seed_same_numbers(toy, opts):
     a = czsl_bench.run("csp", "toy", seed=3, overrides=CSP_FAST, write=False, **opts)
     b = czsl_bench.run("csp", "toy", seed=3, overrides=CSP_FAST, write=False, **opts)
     assert a.metrics == b.metrics and a.chosen_epoch == b.chosen_epoch
+    try:
+        c = czsl_bench.run("csp", "toy", seed=3, overrides=CSP_FAST, write=False, deterministic=True, **opts)
+    finally:
+        set_deterministic(False)
+    assert c.environment["seeding"] == {"seed": 3, "deterministic": True}
+    assert c.metrics == a.metrics  # deterministic kernels change nothing on CPU
 
 
 def test_grid_and_skip_existing(toy, opts, monkeypatch):
