@@ -39,6 +39,6 @@ def test_pretrain_steps_batch_256(benchmark):
     from czsl_bench.pretrain import PretrainConfig, pretrain
 
     corpus = web_corpus(256, seed=1, image_size=64, workers=2)[:2]
-    cfg = PretrainConfig(steps=3, batch_size=256, warmup_steps=1, log_every=100, threads=2)
+    cfg = PretrainConfig(steps=3, batch_size=256, warmup_steps=1, log_every=100)
     benchmark.pedantic(lambda: pretrain(cfg, corpus=corpus, log=lambda _m: None), rounds=1, iterations=1)
     benchmark.extra_info["samples_per_round"] = 3 * 256

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -103,7 +103,9 @@ def test_committed_checkpoint_is_small_and_calibrated():
     # the calibration target: far above chance, far from perfect, room for trained methods
     assert 0.05 <= test["auc"] <= 0.40
     assert test["best_unseen"] > 5 * test["chance_pair_top1"]
-    assert record["timing"]["samples_per_s"] > 0 and record["config"]["steps"] == PretrainConfig().steps
+    # the defaults of `czsl-bench backbone pretrain` are the committed run's settings
+    assert record["config"] == asdict(PretrainConfig())
+    assert record["timing"]["samples_per_s"] > 0
 
 
 @pytest.mark.slow

@@ -260,3 +260,13 @@ def test_web_corpus_rejects_bad_exclusions():
         web_corpus(4, seed=0, exclude_pairs=["striped apple"])
     with pytest.raises(ValueError, match="every feasible pair"):
         web_corpus(4, seed=0, exclude_pairs=W.feasible_pairs)
+
+
+def test_generate_refuses_a_foreign_non_empty_root(tmp_path: Path):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("not a world")
+    with pytest.raises(ValueError, match="holds no synthetic world"):
+        generate(tmp_path / "other", SyntheticConfig(size=1, image_size=16))
+    (tmp_path / "empty").mkdir()
+    assert (generate(tmp_path / "empty", SyntheticConfig(size=1, image_size=16, workers=1)) / "world.json").is_file()
+    assert plugin.is_available() is True

@@ -18,16 +18,17 @@ def backbone() -> None:
               help="Folder for <arch>-<tag>.safetensors and its training record; "
                    "czsl_bench/data/backbones replaces the packaged default.")
 @click.option("--tag", default="synthetic", show_default=True, help="Pretrained tag (file-name suffix).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Initialisation and batch order.")
-@click.option("--web-seed", type=click.IntRange(min=0), default=1, show_default=True, help="Seed of the web corpus.")
-@click.option("--n-images", type=click.IntRange(min=2), default=20000, show_default=True, help="Web corpus size.")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimiser steps [default: PretrainConfig.steps, the committed run].")
-@click.option("--batch-size", type=click.IntRange(min=2), default=256, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Initialisation and batch order [default: 0].")
+@click.option("--web-seed", type=click.IntRange(min=0), default=None, help="Seed of the web corpus [default: 1].")
+@click.option("--n-images", type=click.IntRange(min=2), default=None, help="Web corpus size [default: 20000].")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimiser steps [default: 600].")
+@click.option("--batch-size", type=click.IntRange(min=2), default=None, help="[default: 128]")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak AdamW learning rate [default: 5e-4].")
 @click.option("--include-heldout", is_flag=True,
               help="Also caption the unseen val/test pairs in the web corpus (zero-shot is then no longer a "
                    "test of composition).")
-@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch CPU threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads [default: 1, as the committed run; other counts may change the last bits].")
 @click.option("--eval/--no-eval", "do_eval", default=True, show_default=True,
               help="Zero-shot evaluation on the synthetic val and test splits (closed world) afterwards.")
 def pretrain(out_dir: Path, tag: str, seed: int, web_seed: int, n_images: int, steps: int | None, batch_size: int,
@@ -42,9 +43,11 @@ def pretrain(out_dir: Path, tag: str, seed: int, web_seed: int, n_images: int, s
 
     from czsl_bench.pretrain import PretrainConfig, evaluate_zero_shot, load_tiny, pretrain as run, save_checkpoint
 
-    cfg = replace(PretrainConfig(), seed=seed, web_seed=web_seed, n_images=n_images, batch_size=batch_size, lr=lr,
-                  exclude_heldout=not include_heldout, threads=threads,
-                  **({"steps": steps} if steps is not None else {}))
+    # Unset options keep PretrainConfig's defaults, which are the committed run's settings.
+    given = {"seed": seed, "web_seed": web_seed, "n_images": n_images, "steps": steps, "batch_size": batch_size,
+             "lr": lr, "threads": threads}
+    cfg = replace(PretrainConfig(), exclude_heldout=not include_heldout,
+                  **{k: v for k, v in given.items() if v is not None})
     result = run(cfg, log=click.echo)
     ckpt, rec = save_checkpoint(result, out_dir, tag)
     if do_eval:

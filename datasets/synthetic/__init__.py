@@ -71,6 +71,14 @@ class SyntheticPlugin:
         root = ensure_world(self.resolve_root(root, config), config)
         return CZSLDataset.from_root(root, name=self.name)
 
+    def is_available(self, root: str | os.PathLike | None = None) -> bool:
+        """Always true: the world is generated on first use (about 15 s on 2 cores)."""
+        return True
+
+    def fix_hint(self, root: str | os.PathLike | None = None) -> str:
+        return ("the synthetic world is generated on first use; pass a new or empty --root, or one that "
+                "already holds a world (it has a world.json)")
+
     def world_info(self, root: str | os.PathLike) -> dict:
         """The ``world.json`` of a generated world (config, feasibility, split pairs, counts)."""
         return json.loads((Path(root) / "world.json").read_text())

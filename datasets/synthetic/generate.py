@@ -138,6 +138,9 @@ def generate(root: str | os.PathLike, config: SyntheticConfig = SyntheticConfig(
     root = Path(root)
     if (root / "world.json").is_file():
         return root
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise ValueError(f"{root} exists but holds no synthetic world (no world.json); pass a new or empty "
+                         "directory, or delete this one")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -158,6 +161,8 @@ def generate(root: str | os.PathLike, config: SyntheticConfig = SyntheticConfig(
         info = world_info(config, world, split, rows)
         (tmp / "world.json").write_text(json.dumps(info, indent=1))  # last: marks completeness
         try:
+            if root.is_dir() and not any(root.iterdir()):
+                root.rmdir()  # an empty folder the caller made for us
             os.rename(tmp, root)
         except OSError:
             if not (root / "world.json").is_file():  # not a lost race: a real error
