@@ -116,6 +116,8 @@ def test_committed_checkpoint_reproduces_its_recorded_zero_shot_numbers(tmp_path
     record = json.loads((BACKBONE_DIR / record_name()).read_text())
     monkeypatch.setenv("CZSL_CACHE", str(tmp_path))
     model, tokenizer = load_tiny()
-    got = evaluate_zero_shot(model, tokenizer, plugin.load(), "test")
+    from czsl_bench.datasets.synthetic import SyntheticConfig
+
+    got = evaluate_zero_shot(model, tokenizer, plugin.load(config=SyntheticConfig()), "test")
     for key in ("auc", "best_hm", "best_seen", "best_unseen", "attr_acc", "obj_acc"):
         assert got[key] == pytest.approx(record["zero_shot"]["test"][key], abs=2e-3), key

@@ -270,3 +270,15 @@ def test_generate_refuses_a_foreign_non_empty_root(tmp_path: Path):
     (tmp_path / "empty").mkdir()
     assert (generate(tmp_path / "empty", SyntheticConfig(size=1, image_size=16, workers=1)) / "world.json").is_file()
     assert plugin.is_available() is True
+
+
+def test_environment_overrides_pick_the_size(monkeypatch):
+    from czsl_bench.datasets.synthetic import config_from_env
+
+    monkeypatch.setenv("CZSL_SYNTHETIC_SIZE", "small")
+    monkeypatch.setenv("CZSL_SYNTHETIC_IMAGE_SIZE", "32")
+    assert config_from_env() == SyntheticConfig(size="small", image_size=32)
+    assert plugin.resolve_root().name == SyntheticConfig(size="small", image_size=32).hash()
+    monkeypatch.setenv("CZSL_SYNTHETIC_SEED", "x")
+    with pytest.raises(ValueError, match="CZSL_SYNTHETIC_SEED"):
+        config_from_env()

@@ -54,10 +54,10 @@ def pretrain(out_dir: Path, tag: str, seed: int, web_seed: int, n_images: int, s
         import json
         import time
 
-        from czsl_bench.datasets.synthetic import plugin
+        from czsl_bench.datasets.synthetic import SyntheticConfig, plugin
 
         t0 = time.perf_counter()
-        dataset = plugin.load()
+        dataset = plugin.load(config=SyntheticConfig(seed=cfg.world_seed))  # the default world, never env overrides
         model, tokenizer = load_tiny(ckpt)  # evaluate the saved (fp16) weights, not the fp32 ones
         result.record["zero_shot"] = {s: evaluate_zero_shot(model, tokenizer, dataset, s) for s in ("val", "test")}
         result.record["timing"]["eval_s"] = round(time.perf_counter() - t0, 1)

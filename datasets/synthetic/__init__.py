@@ -29,10 +29,29 @@ if TYPE_CHECKING:
     from ..czsl_format import CZSLDataset
 
 __all__ = [
-    "DEFAULT_WORLD", "GENERATOR_VERSION", "SIZES", "PairSplit", "SyntheticConfig", "SyntheticPlugin", "World",
-    "default_cache_dir", "describe", "descriptions", "ensure_world", "generate", "heldout_pairs", "image_plan",
+    "DEFAULT_WORLD", "ENV_OVERRIDES", "GENERATOR_VERSION", "SIZES", "PairSplit", "SyntheticConfig", "SyntheticPlugin", "World",
+    "config_from_env", "default_cache_dir", "describe", "descriptions", "ensure_world", "generate", "heldout_pairs", "image_plan",
     "load", "natural_split", "noisy_caption", "plugin", "web_corpus",
 ]
+
+
+# Environment overrides, so `czsl-bench run ... --dataset synthetic` can pick a size without a flag:
+# CZSL_SYNTHETIC_SIZE=small|default|large|<n>, CZSL_SYNTHETIC_IMAGE_SIZE=<px>, CZSL_SYNTHETIC_SEED=<int>.
+ENV_OVERRIDES = {"CZSL_SYNTHETIC_SIZE": "size", "CZSL_SYNTHETIC_IMAGE_SIZE": "image_size",
+                 "CZSL_SYNTHETIC_SEED": "seed"}
+
+
+def config_from_env() -> SyntheticConfig:
+    """The default :class:`SyntheticConfig` with the ``CZSL_SYNTHETIC_*`` environment overrides."""
+    values: dict[str, Any] = {}
+    for var, name in ENV_OVERRIDES.items():
+        raw = os.environ.get(var, "").strip()
+        if not raw:
+            continue
+        if name != "size" and not raw.isdigit():
+            raise ValueError(f"{var}={raw!r} is not a non-negative integer; unset it or give a number")
+        values[name] = raw if name == "size" else int(raw)
+    return SyntheticConfig(**values)
 
 
 def heldout_pairs(config: SyntheticConfig = SyntheticConfig(), world: World = DEFAULT_WORLD) -> list[tuple[str, str]]:
@@ -55,7 +74,7 @@ class SyntheticPlugin:
     def resolve_root(self, root: str | os.PathLike | None = None,
                      config: SyntheticConfig | None = None) -> Path:
         """Explicit ``root`` > ``$CZSL_CACHE/synthetic/<config-hash>`` > ``~/.cache/czsl-bench/...``."""
-        config = config or SyntheticConfig()
+        config = config or config_from_env()
         return Path(root).expanduser() if root else default_cache_dir() / config.hash()
 
     def load(self, root: str | os.PathLike | None = None, config: SyntheticConfig | None = None,
@@ -63,11 +82,12 @@ class SyntheticPlugin:
         """Generate the world on first use (atomically, safe with concurrent callers) and load it.
 
         An explicit ``root`` that already holds a world is read as it is; otherwise the world
-        for ``config`` (default: seed 0, size ``default``, 64 px) is generated there.
+        for ``config`` (default: seed 0, size ``default``, 64 px, or the ``CZSL_SYNTHETIC_*``
+        environment overrides) is generated there.
         """
         from ..czsl_format import CZSLDataset
 
-        config = replace(config or SyntheticConfig(), **overrides)
+        config = replace(config or config_from_env(), **overrides)
         root = ensure_world(self.resolve_root(root, config), config)
         return CZSLDataset.from_root(root, name=self.name)
 
