@@ -190,9 +190,13 @@ class ClusPro(ThreePathMethod):
 
     # -- losses ----------------------------------------------------------------------------------
     def extra_loss(self, feats: BranchFeatures, y_attr: Tensor, y_obj: Tensor) -> Tensor | float:
-        cfg = self.config
-        if not cfg.clustering:
+        if not self.config.clustering:
             return 0.0
+        with cl.single_threaded():  # every op here is tiny: threads only add overhead
+            return self._clustering_loss(feats, y_attr, y_obj)
+
+    def _clustering_loss(self, feats: BranchFeatures, y_attr: Tensor, y_obj: Tensor) -> Tensor | float:
+        cfg = self.config
         a = assign_and_update(self.attr_memory, feats.attr_stage1, y_attr, cfg)
         o = assign_and_update(self.obj_memory, feats.obj_stage1, y_obj, cfg)
         self._note("ot_marginal_error", max(a.marginal_error, o.marginal_error), reduce="max")
