@@ -302,7 +302,10 @@ def save_checkpoint(result: PretrainResult, out_dir: str | os.PathLike, tag: str
     out.mkdir(parents=True, exist_ok=True)
     ckpt, rec = out / checkpoint_name(tag), out / record_name(tag)
     tmp = ckpt.with_suffix(f".tmp-{os.getpid()}")
-    save_file(result.state_dict, str(tmp), metadata={"arch": TINY_ARCH, "tag": tag, "format": "open_clip CLIP state_dict"})
+    # One metadata key: safetensors writes a multi-key metadata map in arbitrary order, which
+    # would make the bytes (and the recorded sha256) of identical weights differ between runs.
+    meta = json.dumps({"arch": TINY_ARCH, "tag": tag, "format": "open_clip CLIP state_dict"}, sort_keys=True)
+    save_file(result.state_dict, str(tmp), metadata={"czsl_bench": meta})
     os.replace(tmp, ckpt)
     result.record["checkpoint"] = {"file": ckpt.name, "bytes": ckpt.stat().st_size,
                                    "sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest(), "dtype": "float16"}

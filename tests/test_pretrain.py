@@ -60,6 +60,9 @@ def test_checkpoint_loads_into_open_clip(tmp_path, corpus):
     loaded = open_clip.create_model(TINY_ARCH, pretrained=str(ckpt))
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, saved[k].float()), k
+    first = ckpt.read_bytes()
+    save_checkpoint(result, tmp_path, tag="test")
+    assert ckpt.read_bytes() == first  # byte-identical file for identical weights
     record = json.loads(rec.read_text())
     assert record["checkpoint"]["bytes"] == ckpt.stat().st_size and record["config"]["steps"] == 2
     assert not {"embed_dim", "vision_cfg", "text_cfg"} <= set(record)  # open_clip's scan must skip it
