@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from czsl_bench.method import is_embedded
-
 from .soft_prompt import SoftPromptConfig, SoftPromptMethod, csp_training_defaults
 
 
@@ -22,8 +20,6 @@ class CoOpConfig(SoftPromptConfig):
     def defaults(cls, dataset: str) -> CoOpConfig:
         values = csp_training_defaults(dataset)
         values.pop("attr_dropout")
-        if is_embedded(dataset):
-            values["lr"] = 2e-3  # 384 context parameters learn slower than CSP's vocabulary
         return cls(**values)
 
 
