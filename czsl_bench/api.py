@@ -371,8 +371,7 @@ def _run_spec(spec: RunSpec, opts: RunOptions) -> list[RunRecord]:
     ctx = RunContext(dataset_name=spec.dataset, dataset=dataset, backbone=backbone, config=config,
                      seed=spec.seed, device=device, setting="+".join(spec.settings), cache=cache,
                      progress=progress, eval_batch_size=opts.eval_batch_size, num_workers=opts.num_workers)
-    with torch.no_grad():
-        method.prepare(ctx)
+    method.prepare(ctx)
     lap("prepare")
 
     val_closed = ctx.split("val", "closed")
@@ -395,7 +394,7 @@ def _run_spec(spec: RunSpec, opts: RunOptions) -> list[RunRecord]:
     records: list[RunRecord] = []
     for setting in spec.settings:
         clock = time.perf_counter()
-        with progress.task(f"evaluate {setting} world (val, test)", total=1):
+        with progress.task(f"evaluate {setting} world (val, test)", total=1) as task:
             if setting == "closed":
                 val = _evaluate(method, ctx, val_closed)
                 test = _evaluate(method, ctx, ctx.split("test", "closed"))
@@ -403,6 +402,7 @@ def _run_spec(spec: RunSpec, opts: RunOptions) -> list[RunRecord]:
             else:
                 val, test, threshold, source = _evaluate_open(method, ctx, opts.threshold)
                 provenance = {"feasibility": source}
+            task.advance()
         lap(f"evaluate_{setting}")
         run_timings = {k: v for k, v in timings.items() if not k.startswith("evaluate_") or k == f"evaluate_{setting}"}
         run_timings["total"] = round(time.perf_counter() - t_start, 3)
