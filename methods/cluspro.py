@@ -273,6 +273,7 @@ class ClusPro(ThreePathMethod):
             "no-pcl": {"alpha": 0.0},
             "no-pdl": {"beta": 0.0},
             "base": {"clustering": False},
+            "code": {"variant": "code"},  # the released code's behaviour, as its own row
         }
         for mu in (0.0, 0.5, 0.9, 0.99, 0.999):
             grid[f"mu-{mu:g}"] = {"ema_momentum": mu}
