@@ -99,6 +99,8 @@ def ablation_sweep_figure(
             ax.axhline(ref[0], ls="--", color="0.5", lw=1, label=f"{reference} (n={ref[2]})")
             if ref[1] > 0:
                 ax.axhspan(ref[0] - ref[1], ref[0] + ref[1], color="0.5", alpha=0.12, lw=0)
+        if not xs:
+            ax.text(0.5, 0.5, "no runs yet", ha="center", va="center", transform=ax.transAxes, color="0.4")
         ax.set_xticks(pos, [f"{x:g}" for x in xs])
         ax.set_xlabel(title)
         ax.set_ylabel(f"{metric.upper() if metric == 'auc' else metric} ({split}, x100)")
