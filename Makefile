@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/czsl-bench evaluate --demo
+	$(BIN)/czsl-bench run cluspro --dataset all
 
 test: install
 	$(BIN)/python -m pytest -q --benchmark-disable

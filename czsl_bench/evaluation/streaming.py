@@ -254,10 +254,10 @@ class StreamingReducer:
         if self.masking and j >= 0:
             infeasible = ((~self.inp.seen_mask) & self.inp.candidate & (self.pair_bin < j + 1)).nonzero().flatten()
             if len(infeasible):
+                # The k lowest-index zeros suffice and need no bound: any other masked pair ties
+                # with all of them at a larger index, so at least k entries rank above it.
                 zi = infeasible[:k].expand(n, -1)
                 un_parts.append((torch.zeros(n, zi.shape[1]), zi))
-                if len(infeasible) > k:
-                    bounds.append(torch.zeros(n))
         sv, si = _sort_by_key(torch.cat([p[0] for p in seen_parts], 1), torch.cat([p[1] for p in seen_parts], 1)) \
             if seen_parts else (torch.full((n, 0), _NEG), torch.zeros((n, 0), dtype=torch.long))
         kth_seen = torch.cat(seen_all_parts, 1).topk(k, dim=1).values[:, -1] if seen_all_parts \
