@@ -162,6 +162,10 @@ class StreamingReducer:
                         torch.full((n_images, cap), _NO_INDEX, dtype=torch.long)))
         self._next_col = 0
         self.source: BlockSource | None = None
+        self._pending: list[torch.Tensor] = []
+        self._pending_cols = 0
+        # buffer about 256 MB of scores before reducing (at least 2048 columns)
+        self._buffer_cols = max(2048, (64 << 20) // max(n_images, 1))
 
     # -- the pass ------------------------------------------------------------------------------
     def update(self, col_start: int, block: torch.Tensor) -> None:
@@ -184,6 +188,22 @@ class StreamingReducer:
         rows = ((gt >= col_start) & (gt < end)).nonzero().flatten()
         if len(rows):
             self.gt_score[rows] = block[rows, gt[rows] - col_start]
+        self._pending.append(block)
+        self._pending_cols += width
+        self._next_col = end
+        if self._pending_cols >= self._buffer_cols or end == self.n_pairs:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Reduce the buffered blocks: few wide blocks cost far less per-call overhead than
+        many narrow ones (the caller's block size is the method's choice, not ours)."""
+        if not self._pending:
+            return
+        block = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending, dim=1)
+        end = self._next_col
+        col_start = end - block.shape[1]
+        width = block.shape[1]
+        self._pending, self._pending_cols = [], 0
         for g in self.groups:
             lo, hi = torch.searchsorted(g.cols, torch.tensor([col_start, end])).tolist()
             if lo == hi:
@@ -196,7 +216,6 @@ class StreamingReducer:
             else:
                 sub = block.index_select(1, cols - col_start)
             self._merge_block(g, sub, cols)
-        self._next_col = end
 
     def _merge_block(self, g: _Group, sub: torch.Tensor, cols: torch.Tensor) -> None:
         cap = g.vals.shape[1]
