@@ -240,10 +240,11 @@ def _matches(scores: torch.Tensor, inp: _Inputs, bias: torch.Tensor | float, row
     """Per image: is its pair among the top-k after adding ``bias`` to unseen pairs?"""
     out = torch.empty(scores.shape[0], dtype=torch.bool)
     b = torch.as_tensor(bias, dtype=torch.float32)
+    # x + 0.0 == x, so one broadcast add is the reference's float32 "unseen += b" exactly
+    bias_row = torch.where(inp.seen_mask, torch.zeros((), dtype=torch.float32), b)[None, :]
+    not_candidate = ~inp.candidate[None, :]
     for r0 in range(0, scores.shape[0], row_chunk):
-        s = scores[r0:r0 + row_chunk].clone()
-        s[:, ~inp.seen_mask] += b  # float32 addition, exactly as the reference
-        s[:, ~inp.candidate] = -1e10
+        s = (scores[r0:r0 + row_chunk] + bias_row).masked_fill_(not_candidate, -1e10)
         pred = topk_lowest_index(s, inp.topk)
         out[r0:r0 + row_chunk] = (pred == inp.gt[r0:r0 + row_chunk, None]).any(dim=1)
     return out
