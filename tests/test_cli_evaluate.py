@@ -11,6 +11,10 @@ from czsl_bench.evaluation import evaluate
 from test_evaluator_golden import GT, PAIR_ATTR, PAIR_OBJ, SCORES, SEEN
 
 
+class NotPlain:  # a pickled object that is not plain data: must never be unpickled
+    pass
+
+
 def test_evaluate_file_matches_api(tmp_path):
     f = tmp_path / "scores.pt"
     torch.save({"scores": SCORES, "gt_pair": GT, "seen_mask": SEEN, "pair_attr": PAIR_ATTR,
@@ -38,9 +42,6 @@ def test_evaluate_errors_are_one_line(tmp_path):
     torch.save({"scores": SCORES}, bad)
     res = CliRunner().invoke(cli, ["evaluate", str(bad)])
     assert res.exit_code == 1 and "missing key(s) gt_pair, seen_mask" in res.output
-
-    class NotPlain:  # a pickle that is not plain data must not be unpickled
-        pass
 
     evil = tmp_path / "evil.pt"
     torch.save({"scores": NotPlain()}, evil)
