@@ -71,13 +71,13 @@ class PretrainConfig:
     n_images: int = 20000
     image_size: int = 64
     exclude_heldout: bool = True  # leave the unseen val/test pairs out of the web corpus
-    steps: int = 600
+    steps: int = 1500
     batch_size: int = 128
     lr: float = 5e-4
     weight_decay: float = 0.1
     warmup_steps: int = 50
     hflip: bool = True
-    threads: int = 1  # see docs/synthetic-world.md: 1 thread is far faster on a shared, busy CPU
+    threads: int = 2  # the committed run; on a busy, shared CPU 1 thread is far faster (docs/synthetic-world.md)
     log_every: int = 25
 
 
@@ -234,9 +234,9 @@ def _cached_web_corpus(cfg: PretrainConfig, excluded: list[tuple[str, str]]):
     (the corpus is a pure function of the key, so a cached copy is identical to a fresh one)."""
     import numpy as np
 
-    from czsl_bench.datasets.synthetic import GENERATOR_VERSION, default_cache_dir, web_corpus
+    from czsl_bench.datasets.synthetic import GENERATOR_VERSION, WEB_CORPUS_VERSION, default_cache_dir, web_corpus
 
-    key = json.dumps({"v": GENERATOR_VERSION, "n": cfg.n_images, "seed": cfg.web_seed, "size": cfg.image_size,
+    key = json.dumps({"v": GENERATOR_VERSION, "web": WEB_CORPUS_VERSION, "n": cfg.n_images, "seed": cfg.web_seed, "size": cfg.image_size,
                       "exclude": [f"{a} {o}" for a, o in excluded]}, sort_keys=True)
     path = default_cache_dir().parent / "web" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     if path.is_file():
@@ -255,10 +255,10 @@ def _versions() -> dict[str, str]:
     import open_clip
     import torch
 
-    from czsl_bench.datasets.synthetic import GENERATOR_VERSION
+    from czsl_bench.datasets.synthetic import GENERATOR_VERSION, WEB_CORPUS_VERSION
 
     return {"torch": torch.__version__, "open_clip": open_clip.__version__, "numpy": numpy.__version__,
-            "synthetic_generator": GENERATOR_VERSION}
+            "synthetic_generator": GENERATOR_VERSION, "web_corpus": WEB_CORPUS_VERSION}
 
 
 def zero_shot_scores(model, tokenizer, split, template: str = ZERO_SHOT_TEMPLATE, batch_size: int = 256):

@@ -21,14 +21,15 @@ def backbone() -> None:
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Initialisation and batch order [default: 0].")
 @click.option("--web-seed", type=click.IntRange(min=0), default=None, help="Seed of the web corpus [default: 1].")
 @click.option("--n-images", type=click.IntRange(min=2), default=None, help="Web corpus size [default: 20000].")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimiser steps [default: 600].")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimiser steps [default: 1500].")
 @click.option("--batch-size", type=click.IntRange(min=2), default=None, help="[default: 128]")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak AdamW learning rate [default: 5e-4].")
 @click.option("--include-heldout", is_flag=True,
               help="Also caption the unseen val/test pairs in the web corpus (zero-shot is then no longer a "
                    "test of composition).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch CPU threads [default: 1, as the committed run; other counts may change the last bits].")
+              help="torch CPU threads [default: 2, as the committed run; other counts may change the "
+                   "last bits; 1 is faster on a busy, shared machine].")
 @click.option("--eval/--no-eval", "do_eval", default=True, show_default=True,
               help="Zero-shot evaluation on the synthetic val and test splits (closed world) afterwards.")
 def pretrain(out_dir: Path, tag: str, seed: int, web_seed: int, n_images: int, steps: int | None, batch_size: int,
@@ -36,8 +37,8 @@ def pretrain(out_dir: Path, tag: str, seed: int, web_seed: int, n_images: int, s
     """Pretrain czsl-tiny-vit from scratch with the CLIP loss on the synthetic web corpus.
 
     Deterministic for the same options on the same machine. The default run is the committed
-    checkpoint: `czsl-bench backbone pretrain --out czsl_bench/data/backbones` (about 10-15 min on
-    2 CPU cores).
+    checkpoint: `czsl-bench backbone pretrain --out czsl_bench/data/backbones` (about 11 min on an
+    idle 2-core machine, see docs/synthetic-world.md).
     """
     from dataclasses import replace
 

@@ -23,13 +23,13 @@ from .generate import (SIZES, SyntheticConfig, default_cache_dir, ensure_world, 
                        web_corpus)
 from .splits import PairSplit, natural_split
 from .text import describe, descriptions, noisy_caption
-from .world import DEFAULT_WORLD, GENERATOR_VERSION, World
+from .world import DEFAULT_WORLD, GENERATOR_VERSION, WEB_CORPUS_VERSION, WEB_RARE_WORDS, World
 
 if TYPE_CHECKING:
     from ..czsl_format import CZSLDataset
 
 __all__ = [
-    "DEFAULT_WORLD", "ENV_OVERRIDES", "GENERATOR_VERSION", "SIZES", "PairSplit", "SyntheticConfig", "SyntheticPlugin", "World",
+    "DEFAULT_WORLD", "ENV_OVERRIDES", "GENERATOR_VERSION", "WEB_CORPUS_VERSION", "WEB_RARE_WORDS", "SIZES", "PairSplit", "SyntheticConfig", "SyntheticPlugin", "World",
     "config_from_env", "default_cache_dir", "describe", "descriptions", "ensure_world", "generate", "heldout_pairs", "image_plan",
     "load", "natural_split", "noisy_caption", "plugin", "web_corpus",
 ]

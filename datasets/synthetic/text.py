@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .world import ATTRIBUTE_SYNONYMS, DEFAULT_WORLD, OBJECT_SYNONYMS, World
+from .world import ATTRIBUTE_SYNONYMS, DEFAULT_WORLD, OBJECT_SYNONYMS, WEB_RARE_WORDS, World
 
 # (attribute, object family) -> how it looks. A missing family means the same for all families.
 _LOOK: dict[str, dict[str, str]] = {
@@ -100,12 +100,24 @@ _DISTRACTORS = ("photo", "image", "nice", "random", "stuff", "background", "scen
                 "shapes", "lol", "look", "new", "thing", "today")
 
 
+# How often a web caption uses a ``WEB_RARE_WORDS`` label word instead of one of its synonyms.
+P_CANONICAL_RARE = 0.01
+
+
+def _web_word(name: str, synonyms: tuple[str, ...], rng: np.random.Generator, p_canonical: float) -> str:
+    if name in WEB_RARE_WORDS:
+        if rng.random() < P_CANONICAL_RARE:
+            return name
+        return str(rng.choice([s for s in synonyms if s != name]))
+    return name if rng.random() < p_canonical else str(rng.choice(synonyms))
+
+
 def noisy_caption(attr: str, obj: str, rng: np.random.Generator, p_canonical: float = 0.6,
                   p_drop_attr: float = 0.1, p_distractor: float = 0.3) -> str:
     """A web-style caption of an ``attr obj`` image: synonyms, varied word order, missing
-    attribute sometimes, distractor words."""
-    a = attr if rng.random() < p_canonical else str(rng.choice(ATTRIBUTE_SYNONYMS[attr]))
-    o = obj if rng.random() < p_canonical else str(rng.choice(OBJECT_SYNONYMS[obj]))
+    attribute sometimes, distractor words; label words in ``WEB_RARE_WORDS`` are rarely used."""
+    a = _web_word(attr, ATTRIBUTE_SYNONYMS[attr], rng, p_canonical)
+    o = _web_word(obj, OBJECT_SYNONYMS[obj], rng, p_canonical)
     if rng.random() < p_drop_attr:
         text = str(rng.choice(_NO_ATTR_TEMPLATES)).format(o=o)
     else:
