@@ -113,7 +113,7 @@ def _epoch(bb, model, opt, batches) -> float:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        total += float(loss)
+        total += float(loss.detach())
     return total
 
 

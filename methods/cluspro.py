@@ -116,35 +116,56 @@ class Assignment:
 def assign_and_update(memory: PrototypeMemory, features: Tensor, labels: Tensor, cfg: ClusProConfig) -> Assignment:
     """Solve the batched local-aware OT for the primitives present in ``labels`` and update their
     prototypes by EMA (spec §3.3-§3.4). ``features`` are the detached stage-1 outputs ``[B, D]``."""
-    with torch.autocast(features.device.type, enabled=False):  # the OT runs in float64
-        return _assign_and_update(memory, features, labels, cfg)
+    return assign_and_update_all([(memory, features, labels)], cfg)[0]
 
 
-def _assign_and_update(memory: PrototypeMemory, features: Tensor, labels: Tensor, cfg: ClusProConfig) -> Assignment:
+@torch.no_grad()
+def assign_and_update_all(sides: list[tuple[PrototypeMemory, Tensor, Tensor]], cfg: ClusProConfig) -> list[Assignment]:
+    """:func:`assign_and_update` for several (memory, features, labels) sides at once (ClusPro:
+    attributes and objects), solved as **one** batched OT problem. Each problem keeps its own
+    similarity matrix, so the plans are those of separate solves up to the shared stopping rule;
+    one batch of small kernels instead of one per side halves the solver's dispatch cost."""
+    with torch.autocast(sides[0][1].device.type, enabled=False):  # the OT runs in float64
+        return _assign_and_update_all(sides, cfg)
+
+
+def _assign_and_update_all(sides, cfg: ClusProConfig) -> list[Assignment]:
     paper = cfg.variant == "paper"
-    feats = features.detach().double()
-    if paper:
-        protos, init = cl.seed_prototypes(memory.prototypes.double(), memory.initialized, feats, labels,
-                                          noise=cfg.init_noise)
-        memory.initialized.copy_(init)
-    else:
-        protos = memory.prototypes.double()
-    present, local = torch.unique(labels, return_inverse=True)  # problems = present primitives only
-    cost, weight, sim = cl.assignment_problem(feats, protos[present], mode=cfg.variant)
-    res = cl.structured_ot(cost, weight, sim, eps=cfg.ot_eps, kappa=float(cfg.kappa),
-                           max_outer=cfg.ot_max_outer, sinkhorn_iters=int(cfg.ot_sinkhorn_iters))
-    rows = torch.arange(len(labels), device=labels.device)
-    own_plan = res.plan[local, rows]  # [B, K]: each sample's row in its own primitive's problem
-    label_index = own_plan.argmax(-1)
-    if paper:
-        update_index = label_index
-    else:
-        update_index = cl.gumbel_hard_assign(own_plan[None], tau=0.5)[0]
-    # paper: mean of the L2-normalised features; code: normalised sum of the raw features
-    new, _ = cl.ema_update(protos, F.normalize(feats, dim=-1) if paper else feats, labels, update_index,
-                           cfg.ema_momentum, renormalize=paper)
-    memory.prototypes.copy_(new.to(memory.prototypes.dtype))
-    return Assignment(label_index, update_index, cl.marginal_error(res.plan), res.n_outer)
+    prepared, costs, weights, sims = [], [], [], []
+    for memory, features, labels in sides:
+        feats = features.detach().double()
+        if paper:
+            protos, init = cl.seed_prototypes(memory.prototypes.double(), memory.initialized, feats, labels,
+                                              noise=cfg.init_noise)
+            memory.initialized.copy_(init)
+        else:
+            protos = memory.prototypes.double()
+        present, local = torch.unique(labels, return_inverse=True)  # problems = present primitives only
+        cost, weight, sim = cl.assignment_problem(feats, protos[present], mode=cfg.variant)
+        prepared.append((memory, feats, labels, protos, local, len(present)))
+        costs.append(cost)
+        weights.append(weight)
+        sims.append(sim.expand(len(present), -1, -1))
+    res = cl.structured_ot(torch.cat(costs), torch.cat(weights), torch.cat(sims), eps=cfg.ot_eps,
+                           kappa=float(cfg.kappa), max_outer=cfg.ot_max_outer,
+                           sinkhorn_iters=int(cfg.ot_sinkhorn_iters))
+    out, offset = [], 0
+    for memory, feats, labels, protos, local, n_problems in prepared:
+        plan = res.plan[offset:offset + n_problems]
+        offset += n_problems
+        rows = torch.arange(len(labels), device=labels.device)
+        own_plan = plan[local, rows]  # [B, K]: each sample's row in its own primitive's problem
+        label_index = own_plan.argmax(-1)
+        if paper:
+            update_index = label_index
+        else:
+            update_index = cl.gumbel_hard_assign(own_plan[None], tau=0.5)[0]
+        # paper: mean of the L2-normalised features; code: normalised sum of the raw features
+        new, _ = cl.ema_update(protos, F.normalize(feats, dim=-1) if paper else feats, labels, update_index,
+                               cfg.ema_momentum, renormalize=paper)
+        memory.prototypes.copy_(new.to(memory.prototypes.dtype))
+        out.append(Assignment(label_index, update_index, cl.marginal_error(plan), res.n_outer))
+    return out
 
 
 def project_prototypes(stage2: Disentangler, prototypes: Tensor, variant: str, batch: int) -> Tensor:
@@ -197,8 +218,8 @@ class ClusPro(ThreePathMethod):
 
     def _clustering_loss(self, feats: BranchFeatures, y_attr: Tensor, y_obj: Tensor) -> Tensor | float:
         cfg = self.config
-        a = assign_and_update(self.attr_memory, feats.attr_stage1, y_attr, cfg)
-        o = assign_and_update(self.obj_memory, feats.obj_stage1, y_obj, cfg)
+        a, o = assign_and_update_all([(self.attr_memory, feats.attr_stage1, y_attr),
+                                      (self.obj_memory, feats.obj_stage1, y_obj)], cfg)
         self._note("ot_marginal_error", max(a.marginal_error, o.marginal_error), reduce="max")
         self._note("gcg_steps", (a.gcg_steps + o.gcg_steps) / 2)
 

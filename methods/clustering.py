@@ -72,30 +72,58 @@ def sinkhorn_log(cost: Tensor, eps: float, max_iter: int = 1000, tol: float = 1e
     """Balanced entropic OT with uniform marginals, batched over the leading dimension.
 
     Solves ``min_G <cost, G> + eps * sum G log G`` over ``G >= 0`` with rows summing to ``1/B``
-    and columns to ``1/K``, for ``cost`` of shape ``[C, B, K]``. Log-domain scaling iterations
-    (stable for small ``eps``) stop when the row-marginal error is below ``tol`` (relative to
-    ``1/B``) or after ``max_iter`` iterations; the plan is then *rounded* onto the transport
-    polytope (Altschuler et al., 2017), so both marginals hold to floating-point precision
-    whatever the number of iterations.
+    and columns to ``1/K``, for ``cost`` of shape ``[C, B, K]``. Sinkhorn scaling iterations stop
+    when the row-marginal error is below ``tol`` (relative to ``1/B``) or after ``max_iter``
+    iterations; the plan is then *rounded* onto the transport polytope (Altschuler et al., 2017),
+    so both marginals hold to floating-point precision whatever the number of iterations.
+
+    The iterations run on the kernel ``exp(-(cost - row min) / eps)`` (two small batched
+    products per iteration) when it is representable in the cost's dtype, and in the log domain
+    (stable for any ``eps``, ~4x the kernels) otherwise; both give the same plan.
     """
     if cost.dim() != 3:
         raise ValueError(f"cost must be [C, B, K], got shape {tuple(cost.shape)}")
-    _, b, k = cost.shape
+    # shifting a row of the cost is absorbed by that row's scaling: the plan is unchanged
+    log_kernel = -(cost - cost.amin(dim=2, keepdim=True)) / eps
+    kernel = torch.exp(log_kernel)
+    # every row holds a 1; a column whose entries all (nearly) underflow would need a scaling
+    # beyond the dtype's range, so such problems go to the log domain
+    if bool((kernel.sum(dim=1) > math.sqrt(torch.finfo(cost.dtype).tiny)).all()):
+        plan = _sinkhorn_scaling(kernel, max_iter, tol)
+        if bool(torch.isfinite(plan).all()):
+            return round_to_polytope(plan)
+    return round_to_polytope(_sinkhorn_log_domain(log_kernel, max_iter, tol))
+
+
+def _sinkhorn_scaling(kernel: Tensor, max_iter: int, tol: float) -> Tensor:
+    _, b, k = kernel.shape
+    a_val, b_val = 1.0 / b, 1.0 / k
+    kernel_t = kernel.transpose(1, 2)
+    v = torch.full((kernel.shape[0], k, 1), 1.0, dtype=kernel.dtype, device=kernel.device)
+    for it in range(max_iter):
+        u = a_val / (kernel @ v)  # [C, B, 1]
+        v = b_val / (kernel_t @ u)  # [C, K, 1]
+        if it % 10 == 9:
+            # columns are exact after the v-update; check the rows
+            if ((u * (kernel @ v)) * b - 1.0).abs().max().item() < tol:
+                break
+    return u * kernel * v.transpose(1, 2)
+
+
+def _sinkhorn_log_domain(log_kernel: Tensor, max_iter: int, tol: float) -> Tensor:
+    _, b, k = log_kernel.shape
     log_a = -math.log(b)
     log_b = -math.log(k)
-    log_kernel = -cost / eps
-    u = torch.zeros(cost.shape[:2], dtype=cost.dtype, device=cost.device)  # [C, B]
-    v = torch.zeros((cost.shape[0], k), dtype=cost.dtype, device=cost.device)  # [C, K]
+    u = torch.zeros(log_kernel.shape[:2], dtype=log_kernel.dtype, device=log_kernel.device)  # [C, B]
+    v = torch.zeros((log_kernel.shape[0], k), dtype=log_kernel.dtype, device=log_kernel.device)  # [C, K]
     for it in range(max_iter):
         u = log_a - torch.logsumexp(log_kernel + v[:, None, :], dim=2)
         v = log_b - torch.logsumexp(log_kernel + u[:, :, None], dim=1)
         if it % 10 == 9:
-            # columns are exact after the v-update; check the rows
             rows = torch.logsumexp(log_kernel + u[:, :, None] + v[:, None, :], dim=2)
             if (rows.exp() * b - 1.0).abs().max().item() < tol:
                 break
-    plan = torch.exp(log_kernel + u[:, :, None] + v[:, None, :])
-    return round_to_polytope(plan)
+    return torch.exp(log_kernel + u[:, :, None] + v[:, None, :])
 
 
 def round_to_polytope(plan: Tensor) -> Tensor:
@@ -164,7 +192,8 @@ def structured_ot(
 
     ``cost`` and ``weight`` are ``[C, B, K]`` (paper: ``cost = -log Q``, ``weight = Q`` with
     ``Q = softmax_k cos(f, p)``; released code: ``cost = -P``, ``weight = P``); ``similarity`` is the
-    symmetric ``[B, B]`` feature-similarity matrix with a zero diagonal, shared by all problems.
+    symmetric ``[B, B]`` feature-similarity matrix with a zero diagonal, shared by all problems, or
+    one such matrix per problem ``[C, B, B]``.
 
     GCG (as in CSOT): start from the independent plan ``a b^T``; at each outer step solve the
     entropic OT linearised at the current plan (cost ``cost + kappa * grad Omega``), then move
@@ -179,8 +208,8 @@ def structured_ot(
             f"cost {tuple(cost.shape)} and weight {tuple(weight.shape)} must both be [C, B, K]"
         )
     c, b, k = cost.shape
-    if similarity.shape != (b, b):
-        raise ValueError(f"similarity has shape {tuple(similarity.shape)}; expected ({b}, {b})")
+    if similarity.shape not in ((b, b), (c, b, b)):
+        raise ValueError(f"similarity has shape {tuple(similarity.shape)}; expected ({b}, {b}) or ({c}, {b}, {b})")
     plan = cost.new_full((c, b, k), 1.0 / (b * k))
     obj = gcg_objective(plan, cost, weight, similarity, eps, kappa)
     trace = [obj]
@@ -188,7 +217,9 @@ def structured_ot(
     n_outer = 0
     for _ in range(max_outer):
         n_outer += 1
-        grad_struct = _structure_grad(plan, weight, similarity)
+        x = weight * plan
+        sx = similarity @ x  # shared by the gradient and the line search
+        grad_struct = -2.0 * sx * weight
         target = sinkhorn_log(cost + kappa * grad_struct, eps, max_iter=sinkhorn_iters, tol=sinkhorn_tol)
         delta = target - plan
         # directional derivative of the full objective along delta (entropy gradient is log G + 1;
@@ -196,8 +227,16 @@ def structured_ot(
         slope = (
             (cost + kappa * grad_struct + eps * torch.log(plan.clamp_min(1e-300))) * delta
         ).sum((1, 2))
+        # The objective along plan + t*delta, for every trial step at once: the transport and
+        # structure terms are polynomials in t (degree 1 and 2, S symmetric), so only the entropy
+        # is evaluated per step; one [B, B] product instead of one per trial step.
+        y = weight * delta
+        o0, o1, o2 = (sx * x).sum((1, 2)), (sx * y).sum((1, 2)), ((similarity @ y) * y).sum((1, 2))
+        l0, l1 = (cost * plan).sum((1, 2)), (cost * delta).sum((1, 2))
+        t = steps[:, None]  # [S, 1]
         candidates = plan[None] + steps[:, None, None, None] * delta[None]  # [S, C, B, K]
-        cand_obj = gcg_objective(candidates, cost, weight, similarity, eps, kappa)  # [S, C]
+        cand_obj = (l0 + t * l1 + eps * _entropy_term(candidates)
+                    - kappa * (o0 + 2.0 * t * o1 + t * t * o2))  # [S, C]
         ok = cand_obj <= obj[None] + armijo_c1 * steps[:, None] * slope[None]
         ok &= cand_obj <= obj[None]  # guard: never accept an increase (slope can be ~0 or > 0)
         first_ok = torch.where(ok.any(0), ok.float().argmax(0), torch.full_like(obj, -1).long())

@@ -52,6 +52,44 @@ def test_gcg_objective_never_increases(c, b, k, seed, kappa):
     assert (trace[1:] <= trace[:-1] + 1e-12).all(), trace
 
 
+@pytest.mark.parametrize("mode", ["paper"])
+def test_one_batched_solve_with_per_problem_similarity_matches_separate_solves(mode):
+    # ClusPro solves the attribute and the object problems together, each with its own S. Only the
+    # paper variant is compared: with the code variant's raw dot-product S the objective is
+    # non-convex, and the shared stopping rule (more GCG steps for the faster side) can move plans.
+    cost_a, weight_a, sim_a = _problem(3, 24, 5, 16, 1, mode)
+    cost_o, weight_o, sim_o = _problem(2, 24, 5, 16, 2, mode)
+    kappa = 2.0 if mode == "code" else 1.0
+    joint = cl.structured_ot(torch.cat([cost_a, cost_o]), torch.cat([weight_a, weight_o]),
+                             torch.cat([sim_a.expand(3, -1, -1), sim_o.expand(2, -1, -1)]), kappa=kappa)
+    alone_a = cl.structured_ot(cost_a, weight_a, sim_a, kappa=kappa)
+    alone_o = cl.structured_ot(cost_o, weight_o, sim_o, kappa=kappa)
+    # the same plans up to the shared stopping rule (tolerance 1e-6 on the objective)
+    torch.testing.assert_close(joint.plan, torch.cat([alone_a.plan, alone_o.plan]), atol=1e-5, rtol=0)
+    assert (joint.plan.argmax(-1) == torch.cat([alone_a.plan, alone_o.plan]).argmax(-1)).float().mean() > 0.95
+    assert cl.marginal_error(joint.plan) < 1e-6
+    with pytest.raises(ValueError, match="similarity has shape"):
+        cl.structured_ot(cost_a, weight_a, sim_o.expand(4, -1, -1))
+
+
+def test_sinkhorn_scaling_and_log_domain_paths_agree():
+    cost, _, _ = _problem(3, 20, 4, 16, 5)
+    log_kernel = -(cost - cost.amin(dim=2, keepdim=True)) / 0.1
+    fast = cl._sinkhorn_scaling(log_kernel.exp(), max_iter=2000, tol=1e-12)
+    stable = cl._sinkhorn_log_domain(log_kernel, max_iter=2000, tol=1e-12)
+    torch.testing.assert_close(fast, stable, atol=1e-12, rtol=1e-9)
+
+
+def test_sinkhorn_falls_back_to_the_log_domain_when_the_kernel_underflows():
+    cost, _, _ = _problem(2, 12, 3, 16, 6)
+    cost[..., 0] += 50.0  # prototype 0 far from every sample: with eps 0.01 its kernel column is 0
+    assert (torch.exp(-(cost - cost.amin(2, keepdim=True)) / 0.01).sum(1)[:, 0] == 0).all()
+    plan = cl.sinkhorn_log(cost, eps=0.01)
+    assert torch.isfinite(plan).all() and cl.marginal_error(plan) < 1e-9
+    # equipartition still sends 1/K of the mass to the far prototype
+    torch.testing.assert_close(plan.sum(1)[:, 0], torch.full((2,), 1 / 3, dtype=plan.dtype))
+
+
 def test_gcg_strictly_improves_on_the_independent_plan():
     cost, weight, sim = _problem(3, 32, 5, 16, 0)
     res = cl.structured_ot(cost, weight, sim, eps=0.1, kappa=1.0)
