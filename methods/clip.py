@@ -8,15 +8,14 @@ so ``--set template="a photo of a {obj} that is {attr}"`` tries another wording.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from czsl_bench.method import Method, RunContext, iter_column_blocks
+from czsl_bench.method import Method, RunContext
 
-from .soft_prompt import clean_name, explain_scores, logit_scale
+from .soft_prompt import CosineScoring, clean_name, explain_scores, logit_scale
 
 
 @dataclass
@@ -34,7 +33,7 @@ class CLIPConfig:
         return cls()  # the same prompt for every dataset (evaluate.py --experiment_name clip)
 
 
-class CLIPZeroShot(Method):
+class CLIPZeroShot(CosineScoring, Method):
     name = "clip"
     Config = CLIPConfig
 
@@ -65,18 +64,6 @@ class CLIPZeroShot(Method):
         if stop - start == len(split.pairs):  # keep whole worlds only; blocks of huge ones stream
             self._text[key] = feats
         return feats
-
-    @torch.no_grad()
-    def score(self, ctx: RunContext, split):
-        image = F.normalize(ctx.image_features(split), dim=-1).to(ctx.device)
-        if len(split.pairs) <= self.config.score_block:
-            return (self.scale * image @ self.text_features(ctx, split).t()).float().cpu()
-        return self._blocks(ctx, split, image)
-
-    def _blocks(self, ctx, split, image) -> Iterator[tuple[int, torch.Tensor]]:
-        for start, stop in iter_column_blocks(len(split.pairs), self.config.score_block):
-            text = self.text_features(ctx, split, start, stop)
-            yield start, (self.scale * image @ text.t()).float().cpu()
 
     @classmethod
     def ablations(cls) -> dict[str, dict]:

@@ -152,7 +152,26 @@ def csp_training_defaults(dataset: str) -> dict[str, Any]:
     return {**_COMMON, **_PER_DATASET.get(dataset, _PER_DATASET["mit-states"])}
 
 
-class SoftPromptMethod(Method):
+class CosineScoring:
+    """Scoring shared by CLIP zero-shot, CoOp and CSP: ``scale * cos(image, pair text)`` over the
+    cached frozen image features; dense up to ``config.score_block`` pairs, else a stream of
+    column blocks (open world on C-GQA). Needs ``self.scale`` and ``text_features(ctx, split,
+    start, stop)`` (L2-normalised ``[stop - start, D]``)."""
+
+    @torch.no_grad()
+    def score(self, ctx: RunContext, split):
+        image = F.normalize(ctx.image_features(split), dim=-1).to(ctx.device)
+        if len(split.pairs) <= self.config.score_block:
+            return (self.scale * image @ self.text_features(ctx, split).t()).float().cpu()
+        return self._blocks(ctx, split, image)
+
+    def _blocks(self, ctx: RunContext, split, image: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        for start, stop in iter_column_blocks(len(split.pairs), self.config.score_block):
+            text = self.text_features(ctx, split, start, stop)
+            yield start, (self.scale * image @ text.t()).float().cpu()
+
+
+class SoftPromptMethod(CosineScoring, Method):
     """CoOp/CSP: a learnable part of the prompt, trained with cross-entropy over seen pairs on
     cached image features; subclasses choose what is learnable."""
 
@@ -201,17 +220,6 @@ class SoftPromptMethod(Method):
         bs = self.config.text_batch_size
         return torch.cat([self.prompt(attr[i:i + bs], obj[i:i + bs]) for i in range(0, len(attr), bs)])
 
-    @torch.no_grad()
-    def score(self, ctx: RunContext, split):
-        image = F.normalize(ctx.image_features(split), dim=-1).to(ctx.device)
-        if len(split.pairs) <= self.config.score_block:
-            return (self.scale * image @ self.text_features(ctx, split).t()).float().cpu()
-        return self._blocks(ctx, split, image)
-
-    def _blocks(self, ctx: RunContext, split, image: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-        for start, stop in iter_column_blocks(len(split.pairs), self.config.score_block):
-            text = self.text_features(ctx, split, start, stop)
-            yield start, (self.scale * image @ text.t()).float().cpu()
 
     def explain(self, ctx: RunContext, split, index: int, top: int = 5) -> dict:
         return explain_scores(self.score(ctx, split), split, index, top)

@@ -36,14 +36,7 @@ from fixtures.czsl_real_format import (
     write_images,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _private_metadata_cache(tmp_path_factory):
-    """Keep the metadata cache (czsl_bench.cache root) inside pytest's temporary folder."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("CZSL_CACHE", str(tmp_path_factory.getbasetemp() / "czsl-cache"))
-        yield
-
+pytestmark = pytest.mark.usefixtures("private_metadata_cache")
 
 
 @pytest.fixture(scope="module")

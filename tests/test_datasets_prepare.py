@@ -31,17 +31,9 @@ from fixtures.czsl_real_format import (
 )
 
 # Fixtures with a subset of the images load with strict=False, which still warns about the counts.
-pytestmark = pytest.mark.filterwarnings("ignore:.*counts differ from the published statistics:UserWarning",
-                                        "ignore:.*differ from the canonical copies:UserWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _private_metadata_cache(tmp_path_factory):
-    """Keep the metadata cache (czsl_bench.cache root) inside pytest's temporary folder."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("CZSL_CACHE", str(tmp_path_factory.getbasetemp() / "czsl-cache"))
-        yield
-
+pytestmark = [pytest.mark.usefixtures("private_metadata_cache"),
+              pytest.mark.filterwarnings("ignore:.*counts differ from the published statistics:UserWarning",
+                                         "ignore:.*differ from the canonical copies:UserWarning")]
 
 
 def sha256(path: Path) -> str:
