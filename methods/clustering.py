@@ -68,7 +68,7 @@ class OTResult:
     n_outer: int
 
 
-def sinkhorn_log(cost: Tensor, eps: float, max_iter: int = 1000, tol: float = 1e-6) -> Tensor:
+def sinkhorn(cost: Tensor, eps: float, max_iter: int = 1000, tol: float = 1e-6) -> Tensor:
     """Balanced entropic OT with uniform marginals, batched over the leading dimension.
 
     Solves ``min_G <cost, G> + eps * sum G log G`` over ``G >= 0`` with rows summing to ``1/B``
@@ -150,16 +150,25 @@ def _entropy_term(plan: Tensor) -> Tensor:
     return torch.special.xlogy(plan, plan).sum((-2, -1))
 
 
+def _structure_parts(plan: Tensor, weight: Tensor, similarity: Tensor) -> tuple[Tensor, Tensor]:
+    # X = W*G and S X, from which the structure term and its gradient both follow
+    x = weight * plan  # [..., B, K]
+    return x, similarity @ x
+
+
 def _structure_term(plan: Tensor, weight: Tensor, similarity: Tensor) -> Tensor:
     # Omega(G) = -<S, (W*G)(W*G)^T>, one value per problem (any leading dims before [B, K])
-    x = weight * plan  # [..., B, K]
-    return -((similarity @ x) * x).sum((-2, -1))
+    x, sx = _structure_parts(plan, weight, similarity)
+    return -(sx * x).sum((-2, -1))
+
+
+def _structure_grad_from(sx: Tensor, weight: Tensor) -> Tensor:
+    # d/dG of -<S, X X^T> with X = W*G and S symmetric: -2 (S X) * W
+    return -2.0 * sx * weight
 
 
 def _structure_grad(plan: Tensor, weight: Tensor, similarity: Tensor) -> Tensor:
-    # d/dG of -<S, X X^T> with X = W*G and S symmetric: -2 (S X) * W
-    x = weight * plan
-    return -2.0 * (similarity @ x) * weight
+    return _structure_grad_from(_structure_parts(plan, weight, similarity)[1], weight)
 
 
 def gcg_objective(
@@ -217,10 +226,9 @@ def structured_ot(
     n_outer = 0
     for _ in range(max_outer):
         n_outer += 1
-        x = weight * plan
-        sx = similarity @ x  # shared by the gradient and the line search
-        grad_struct = -2.0 * sx * weight
-        target = sinkhorn_log(cost + kappa * grad_struct, eps, max_iter=sinkhorn_iters, tol=sinkhorn_tol)
+        x, sx = _structure_parts(plan, weight, similarity)  # shared by the gradient and the line search
+        grad_struct = _structure_grad_from(sx, weight)
+        target = sinkhorn(cost + kappa * grad_struct, eps, max_iter=sinkhorn_iters, tol=sinkhorn_tol)
         delta = target - plan
         # directional derivative of the full objective along delta (entropy gradient is log G + 1;
         # the +1 integrates to zero over a direction with zero total mass)
