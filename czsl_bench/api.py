@@ -4,13 +4,16 @@
     record = czsl_bench.run("csp", "synthetic", seed=0)          # one RunRecord
     records = czsl_bench.run("clip,csp", "synthetic", seed=[0, 1, 2], setting="both")  # a list
 
-One run = one (method, dataset, seed). Its steps, in order: seed everything → load the dataset
-(DATASETS registry) → load the backbone → ``method.prepare`` → ``method.fit`` (shared Trainer;
-the epoch is chosen on closed-world validation by the config's ``select_metric``, default AUC)
-→ score val and test → the evaluator (closed world: directly; open world: the feasibility
-threshold is searched on val and applied to test) → one :class:`~czsl_bench.records.RunRecord`
-per setting, written atomically at ``<results_dir>/<method>/<dataset>/<setting>/seed<k>.json``.
-Training is shared by the settings of one run: ``setting="both"`` trains once.
+One run = one (method, dataset, seed). Its steps, in order: resolve the config
+(czsl_bench.config.resolve) → seed everything → load the dataset (its plugin declares the default
+backbone, recipe, feasibility source and name policy) → load the backbone → build the run identity
+(czsl_bench.identity) and, with ``skip_existing``, stop if a record with that fingerprint exists →
+``method.prepare`` → the shared Trainer if the method trains (the epoch is chosen on closed-world
+validation by the config's ``select_metric``, default AUC) → score val and test → the evaluator
+(closed world: directly; open world: the feasibility threshold is searched on val and applied to
+test) → one :class:`~czsl_bench.records.RunRecord` per setting, written atomically at its path
+(czsl_bench.records.record_path). Training is shared by the settings of one run: ``setting="both"``
+trains once.
 """
 
 from __future__ import annotations
@@ -25,9 +28,6 @@ from typing import Any
 from czsl_bench.records import RunRecord
 
 SETTINGS = ("closed", "open")
-DEFAULT_BACKBONE = ("ViT-L-14-quickgelu", "openai")
-# The embedded world ships its own tiny backbone so every path runs offline on a CPU.
-EMBEDDED_BACKBONES = {"synthetic": ("czsl-tiny-vit", "synthetic")}
 
 
 class RunError(RuntimeError):
@@ -79,6 +79,7 @@ class Outcome:
     skipped: bool = False
     error: str | None = None
     seconds: float = 0.0
+    skipped_paths: list[str] = field(default_factory=list)  # the records a skip found (same fingerprint)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,40 +146,31 @@ def dataset_status(data_root: str | Path | None = None) -> tuple[list[str], dict
     present, missing = [], {}
     for name in DATASETS.names():
         try:
-            plugin = DATASETS.get(name)
-        except LookupError as exc:
+            plugin = dataset_plugin(name)
+        except (LookupError, TypeError, ValueError) as exc:
             missing[name] = str(exc)
             continue
-        if name in EMBEDDED_BACKBONES or getattr(plugin, "embedded", False):
-            present.append(name)  # generated on first use: always available
-            continue
-        ok, how = _is_present(plugin, data_root)
-        if ok:
+        if plugin.is_available(data_root):
             present.append(name)
         else:
-            missing[name] = how
+            missing[name] = plugin.fix_hint(data_root)
     return present, missing
 
 
-def _is_present(plugin: Any, data_root: str | Path | None) -> tuple[bool, str]:
-    available = getattr(plugin, "is_available", None)
-    if callable(available):
-        return bool(available(data_root)), _fix_hint(plugin, data_root)
-    resolve = getattr(plugin, "resolve_root", None)
-    if callable(resolve):
-        root = Path(resolve(data_root))
-        if root.is_dir() and any(root.iterdir()):
-            return True, ""
-        return False, _fix_hint(plugin, data_root)
-    return True, ""  # a plugin that cannot tell: try it, a failure is then reported per run
+def dataset_plugin(name: str) -> Any:
+    """The :class:`~czsl_bench.datasets.plugin.DatasetPlugin` registered as ``name``, checked
+    against the contract; a folder path gives a plugin for that folder in the standard layout."""
+    from czsl_bench.datasets.plugin import folder_dataset, validate_plugin
+    from czsl_bench.registry import DATASETS
+
+    if is_dataset_path(name):
+        return folder_dataset(name)
+    return validate_plugin(DATASETS.get(name), name)
 
 
-def _fix_hint(plugin: Any, data_root: str | Path | None) -> str:
-    hint = getattr(plugin, "fix_hint", None)
-    resolve = getattr(plugin, "resolve_root", None)
-    if callable(hint) and callable(resolve):
-        return hint(Path(resolve(data_root)))
-    return "see docs/datasets.md"
+def is_dataset_path(name: str) -> bool:
+    """``--dataset`` names a folder (rather than a registered dataset) when it looks like a path."""
+    return "/" in name or "\\" in name or name.startswith(("~", "."))
 
 
 def plan(method: str | Iterable[str], dataset: str | Iterable[str], seed: int | str | Iterable[int] = 0,
@@ -207,7 +199,9 @@ def plan(method: str | Iterable[str], dataset: str | Iterable[str], seed: int | 
     else:
         known = DATASETS.names()
         for name in datasets:
-            if name not in known:
+            if is_dataset_path(name):
+                dataset_plugin(name)  # a missing folder: one line now, not per run
+            elif name not in known:
                 DATASETS.get(name)  # raises with close matches
     seeds = parse_seeds(seed)
     settings = parse_setting(setting)
@@ -247,23 +241,15 @@ def run(method: str | Iterable[str], dataset: str | Iterable[str], seed: int | s
 
 def execute(spec: RunSpec, opts: RunOptions) -> Outcome:
     """Run one spec; errors become ``Outcome.error`` (one line) instead of propagating."""
-    from czsl_bench.records import is_finished, read_record, record_path
-
     started = time.perf_counter()
-    paths = {s: record_path(opts.results_dir, spec.method, spec.dataset, s, spec.seed, opts.ablation)
-             for s in spec.settings}
-    if opts.skip_existing and all(is_finished(p) for p in paths.values()):
-        return Outcome(spec, [read_record(p) for p in paths.values()], skipped=True)
-    todo = tuple(s for s in spec.settings if not (opts.skip_existing and is_finished(paths[s])))
     try:
-        records = _run_spec(dataclasses.replace(spec, settings=todo), opts)
+        records, skipped = _run_spec(spec, opts)
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # one run's failure must not stop a sweep; the CLI reports it
         return Outcome(spec, error=_one_line(exc), seconds=time.perf_counter() - started)
-    done = {r.setting: r for r in records}
-    ordered = [done[s] if s in done else read_record(paths[s]) for s in spec.settings]
-    return Outcome(spec, ordered, seconds=time.perf_counter() - started)
+    return Outcome(spec, records, skipped=skipped, seconds=time.perf_counter() - started,
+                   skipped_paths=[str(getattr(r, "source_path", "")) for r in records] if skipped else [])
 
 
 def _one_line(exc: BaseException) -> str:
@@ -276,31 +262,24 @@ def _one_line(exc: BaseException) -> str:
 # ----------------------------------------------------------------------------------------------
 # One run
 # ----------------------------------------------------------------------------------------------
-def resolve_method_config(method_cls: Any, dataset: str, overrides: Sequence[str] | dict[str, Any] | None,
+def resolve_method_config(method_cls: Any, dataset: str, overrides: Sequence[str] | dict[str, Any] | None = None,
                           ablation: str | None = None, config_file: str | Path | None = None) -> Any:
-    """defaults(dataset) < config file < ablation overrides < ``--set`` overrides."""
-    from czsl_bench.config import ConfigError, apply_values, parse_overrides, resolve_config
+    """The run's :class:`~czsl_bench.config.Resolved` config for ``dataset`` (a name or plugin):
+    the dataset's recipe defaults < config file < ablation < ``--set``."""
+    from czsl_bench.config import resolve
 
-    cfg = resolve_config(method_cls.Config, dataset, (), config_file)
-    if ablation is not None:
-        variants = method_cls.ablations()
-        if ablation not in variants:
-            known = ", ".join(sorted(variants)) or "none"
-            raise ConfigError(f"method {method_cls.name!r} has no ablation {ablation!r}; known: {known}")
-        cfg = apply_values(cfg, variants[ablation])
-    if overrides:
-        values = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides), method_cls.Config)
-        cfg = apply_values(cfg, values)
-    return cfg
+    plugin = dataset_plugin(dataset) if isinstance(dataset, str) else dataset
+    return resolve(method_cls, plugin.recipe, config_file, ablation, overrides)
 
 
-def default_backbone(dataset: str, backbone: str | None, pretrained: str | None) -> tuple[str, str | None]:
-    """The backbone of a run: explicit values, else the dataset's embedded one, else ViT-L/14 OpenAI.
+def default_backbone(dataset: Any, backbone: str | None, pretrained: str | None) -> tuple[str, str | None]:
+    """The backbone of a run: explicit values, else the dataset plugin's declared default.
 
     ``--backbone`` alone keeps the dataset's weights tag when it names the dataset's default
     architecture and means ``openai`` otherwise; ``--pretrained none`` gives random weights.
     """
-    default_arch, default_tag = EMBEDDED_BACKBONES.get(dataset, DEFAULT_BACKBONE)
+    plugin = dataset_plugin(dataset) if isinstance(dataset, str) else dataset
+    default_arch, default_tag = plugin.default_backbone
     arch = backbone or default_arch
     if pretrained is not None:
         tag: str | None = pretrained
@@ -309,37 +288,50 @@ def default_backbone(dataset: str, backbone: str | None, pretrained: str | None)
     return arch, (None if tag in (None, "", "none") else tag)
 
 
-def resolve_device(device: str) -> Any:
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device {device!r} is not a torch device; use auto, cpu or cuda[:N]") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
-    return dev
+def load_dataset(plugin: Any, data_root: str | Path | None = None) -> Any:
+    """Load ``plugin`` (a name or a plugin) from ``data_root`` (default: the plugin's root)."""
+    plugin = dataset_plugin(plugin) if isinstance(plugin, str) else plugin
+    return plugin.load(data_root)
 
 
-def load_dataset(name: str, data_root: str | Path | None = None) -> Any:
-    from czsl_bench.registry import DATASETS
-
-    plugin = DATASETS.get(name)
-    if hasattr(plugin, "load"):
-        return plugin.load(data_root)
-    if callable(plugin):
-        return plugin(data_root)
-    raise TypeError(f"dataset plugin {name!r} has no load(root)")
-
-
-def _run_spec(spec: RunSpec, opts: RunOptions) -> list[RunRecord]:
-    import torch
-
+def run_identity(method: str, config: Any, plugin: Any, dataset: Any, backbone: Any, arch: str,
+                 tag: str | None, setting: str, seed: int) -> Any:
+    """The :class:`~czsl_bench.identity.RunIdentity` of one run in one setting."""
     from czsl_bench.config import config_to_dict
+    from czsl_bench.evaluation.metrics import PROTOCOL_VERSION
+    from czsl_bench.identity import RunIdentity
+
+    return RunIdentity(
+        method=method, config=config_to_dict(config),
+        backbone={"arch": arch, "pretrained": tag, "weights_hash": backbone.weights_hash},
+        dataset={"name": plugin.name, "version": dataset.version}, setting=setting, seed=seed,
+        protocol=PROTOCOL_VERSION, feasibility=plugin.feasibility if setting == "open" else None,
+        track=_method_track(method))
+
+
+def _method_track(method: str) -> str:
+    """The evaluation track a method declares (``Method.track``): ``inductive`` unless it adapts at
+    test time; records of different tracks never share a table cell (part of the identity)."""
+    from czsl_bench.registry import METHODS
+
+    return getattr(METHODS.get(method), "track", "inductive")
+
+
+def training_fingerprint(identity: Any) -> str:
+    """What a checkpoint must agree with to be resumed: the identity without the evaluation
+    fields (setting, protocol, feasibility), so both settings of a run share one training."""
+    from czsl_bench.identity import short_hash
+
+    data = identity.to_dict()
+    for name in ("setting", "protocol", "feasibility"):
+        data.pop(name)
+    return short_hash(data)
+
+
+def _run_spec(spec: RunSpec, opts: RunOptions) -> tuple[list[RunRecord], bool]:
+    from czsl_bench.backbone import resolve_device
     from czsl_bench.method import NullProgress, RunContext, check_method_class, parameter_counts
-    from czsl_bench.records import RunRecord, environment, write_record
+    from czsl_bench.records import RunRecord, environment, find_existing, write_record
     from czsl_bench.registry import METHODS
     from czsl_bench.seeding import seed_everything
     from czsl_bench.training import Trainer
@@ -355,22 +347,39 @@ def _run_spec(spec: RunSpec, opts: RunOptions) -> list[RunRecord]:
 
     method_cls = METHODS.get(spec.method)
     check_method_class(method_cls, f"method {spec.method!r}")
-    config = resolve_method_config(method_cls, spec.dataset, opts.overrides, opts.ablation, opts.config_file)
+    plugin = dataset_plugin(spec.dataset)
+    resolved = resolve_method_config(method_cls, plugin, opts.overrides, opts.ablation, opts.config_file)
+    config = resolved.config
+    explicit = {k: v for k, v in resolved.changed.items() if not resolved.sources[k].startswith("derived")}
+    variant = opts.ablation if resolved.changed else None  # an ablation equal to the defaults is the plain run
     progress = opts.progress or NullProgress()
     device = resolve_device(opts.device)
     seed_info = seed_everything(spec.seed, opts.deterministic)
 
-    dataset = load_dataset(spec.dataset, opts.data_root)
+    dataset = load_dataset(plugin, opts.data_root)
     lap("load_dataset")
-    arch, tag = default_backbone(spec.dataset, opts.backbone, opts.pretrained)
+    arch, tag = default_backbone(plugin, opts.backbone, opts.pretrained)
     backbone = _load_backbone(arch, tag, device)
     cache = _feature_cache(opts.cache_dir)
     lap("load_backbone")
 
+    identities = {s: run_identity(spec.method, config, plugin, dataset, backbone, arch, tag, s, spec.seed)
+                  for s in spec.settings}
+    existing = {}
+    if opts.skip_existing:
+        for s, ident in identities.items():
+            found = find_existing(opts.results_dir, ident, variant, resolved.changed)
+            if found is not None:
+                existing[s] = found
+    todo = [s for s in spec.settings if s not in existing]
+    if not todo:
+        return [existing[s] for s in spec.settings], True
+
     method = method_cls(config)
-    ctx = RunContext(dataset_name=spec.dataset, dataset=dataset, backbone=backbone, config=config,
-                     seed=spec.seed, device=device, setting="+".join(spec.settings), cache=cache,
-                     progress=progress, eval_batch_size=opts.eval_batch_size, num_workers=opts.num_workers)
+    ctx = RunContext(dataset_name=plugin.name, dataset=dataset, backbone=backbone, config=config,
+                     seed=spec.seed, device=device, setting="+".join(todo), cache=cache,
+                     progress=progress, eval_batch_size=opts.eval_batch_size, num_workers=opts.num_workers,
+                     name_policy=plugin.name_policy)
     method.prepare(ctx)
     lap("prepare")
 
@@ -379,20 +388,24 @@ def _run_spec(spec: RunSpec, opts: RunOptions) -> list[RunRecord]:
     def validate(m: Any) -> dict[str, float]:
         return _metrics(_evaluate(m, ctx, val_closed))
 
-    ctx.trainer = Trainer(device=device, seed=spec.seed, validate=validate, progress=progress,
-                          checkpoint_dir=_checkpoint_dir(opts, spec), resume=opts.resume)
-    fit = method.fit(ctx)
+    fit = None
+    if method.trains:
+        train_fp = training_fingerprint(identities[todo[0]])
+        trainer = Trainer(device=device, seed=spec.seed, validate=validate, progress=progress,
+                          checkpoint_dir=_checkpoint_dir(opts, spec, train_fp), resume=opts.resume,
+                          fingerprint=train_fp)
+        fit = trainer.fit(method, ctx)
     method.train_mode(False)
     lap("fit")
 
     params = parameter_counts(method, backbone)
-    base = dict(method=spec.method, dataset=spec.dataset, seed=spec.seed, variant=opts.ablation,
-                config=config_to_dict(config),
+    base = dict(method=spec.method, dataset=plugin.name, seed=spec.seed, variant=variant,
+                config=_config_dict(config), overrides=explicit,
                 backbone={"arch": arch, "pretrained": tag, **_backbone_info(backbone)},
                 chosen_epoch=fit.chosen_epoch if fit is not None else None, params=params)
     env = environment(device)
-    records: list[RunRecord] = []
-    for setting in spec.settings:
+    records: dict[str, RunRecord] = dict(existing)
+    for setting in todo:
         clock = time.perf_counter()
         with progress.task(f"evaluate {setting} world (val, test)", total=1) as task:
             if setting == "closed":
@@ -400,31 +413,42 @@ def _run_spec(spec: RunSpec, opts: RunOptions) -> list[RunRecord]:
                 test = _evaluate(method, ctx, ctx.split("test", "closed"))
                 threshold, provenance = None, {}
             else:
-                val, test, threshold, source = _evaluate_open(method, ctx, opts.threshold)
+                val, test, threshold, source = _evaluate_open(method, ctx, plugin, opts.threshold)
                 provenance = {"feasibility": source}
             task.advance()
         lap(f"evaluate_{setting}")
         run_timings = {k: v for k, v in timings.items() if not k.startswith("evaluate_") or k == f"evaluate_{setting}"}
         run_timings["total"] = round(time.perf_counter() - t_start, 3)
+        ident = identities[setting]
+        if test.protocol != ident.protocol:
+            raise RuntimeError(f"the evaluator reported protocol {test.protocol}, the identity {ident.protocol}")
         record = RunRecord(
             **base, setting=setting, protocol=test.protocol,
             metrics={"val": _metrics(val), "test": _metrics(test)},
             n_images={"val": val.n_images, "test": test.n_images},
             open_threshold=threshold, timings=run_timings, provenance=provenance,
+            identity=ident.to_dict(), fingerprint=ident.fingerprint,
             environment={**env, "seeding": {"seed": seed_info.seed, "deterministic": seed_info.deterministic},
                          "training": fit.to_dict() if fit is not None else None},
         )
         if opts.write:
             write_record(record, opts.results_dir)
-        records.append(record)
-    return records
+        records[setting] = record
+    return [records[s] for s in spec.settings], False
 
 
-def _checkpoint_dir(opts: RunOptions, spec: RunSpec) -> Path | None:
+def _config_dict(config: Any) -> dict[str, Any]:
+    from czsl_bench.config import config_to_dict
+
+    return config_to_dict(config)
+
+
+def _checkpoint_dir(opts: RunOptions, spec: RunSpec, fingerprint: str) -> Path | None:
+    """``<results>/.checkpoints/<method>/<dataset>/<training fingerprint>``: a checkpoint of another
+    configuration, backbone, weights or dataset version can never sit at this run's path."""
     if not opts.write:
         return None
-    variant = f"-{opts.ablation}" if opts.ablation else ""
-    return Path(opts.results_dir) / ".checkpoints" / f"{spec.method}{variant}" / spec.dataset / f"seed{spec.seed}"
+    return Path(opts.results_dir) / ".checkpoints" / spec.method / dataset_plugin(spec.dataset).name / fingerprint
 
 
 def _metrics(result: Any) -> dict[str, float]:
@@ -461,12 +485,12 @@ def _check_shape(scores: Any, split: Any, method: Any) -> None:
                          f"{split.name}/{split.world}; expected {expected} (images x pairs)")
 
 
-def _evaluate_open(method: Any, ctx: Any, threshold: float | None) -> tuple[Any, Any, float, str]:
-    """Open world: search the feasibility threshold on val, apply it to test (spec-evaluator §5.3)."""
+def _evaluate_open(method: Any, ctx: Any, plugin: Any, threshold: float | None) -> tuple[Any, Any, float, str]:
+    """Open world: search the feasibility threshold on val, apply it to test (docs/evaluation.md)."""
     from czsl_bench.evaluation.feasibility import open_world_splits
 
     val_split, test_split = ctx.split("val", "open"), ctx.split("test", "open")
-    feasibility, source = open_world_feasibility(ctx.dataset_name, ctx.dataset, ctx.backbone, test_split)
+    feasibility, source = open_world_feasibility(plugin, ctx.dataset, ctx.backbone, test_split)
     out = open_world_splits(_score_source(method, ctx, val_split), val_split,
                             _score_source(method, ctx, test_split), test_split, feasibility,
                             threshold=threshold)
@@ -490,25 +514,28 @@ def _score_source(method: Any, ctx: Any, split: Any) -> Any:
     return blocks
 
 
-def open_world_feasibility(name: str, dataset: Any, backbone: Any, split: Any) -> tuple[Any, str]:
-    """The feasibility vector over ``split.pairs`` (attr-major open world) and where it came from.
+def open_world_feasibility(plugin: Any, dataset: Any, backbone: Any, split: Any) -> tuple[Any, str]:
+    """The feasibility vector over ``split.pairs`` (attr-major open world) and where it came from,
+    as the dataset plugin declares it.
 
-    MIT-States, UT-Zappos and C-GQA use the GloVe vectors of CSP/Troika/ClusPro (the papers'
-    numbers depend on them). Other datasets (the synthetic world, third-party plugins) get the
-    same CompCos formula over the backbone's mean token embeddings of the cleaned names (PLID's
+    ``glove-reference``: the GloVe vectors of CSP/Troika/ClusPro shipped for MIT-States, UT-Zappos
+    and C-GQA (the papers' numbers depend on them). ``backbone-token-embeddings``: the same
+    CompCos formula over the backbone's mean token embeddings of the cleaned names (PLID's
     CLIP-embedding option); never the dataset's true feasibility, which would leak the answer.
     """
     import torch
 
-    from czsl_bench.evaluation.feasibility import REFERENCE_SHA256, compute_feasibility, reference_feasibility
+    from czsl_bench.evaluation.feasibility import compute_feasibility, reference_feasibility
+    from czsl_bench.names import clean_name
 
-    if name in REFERENCE_SHA256:
+    name = plugin.name
+    if plugin.feasibility == "glove-reference":
         feas = reference_feasibility(name)
         if len(feas) != len(split.pairs):
             raise ValueError(f"the reference feasibility of {name} has {len(feas)} pairs but the open world "
                              f"has {len(split.pairs)}; is the dataset copy the standard one? (czsl-bench data check {name})")
         return feas, "glove-reference"
-    clean = lambda n: n.replace(".", " ").lower()  # noqa: E731  (the repos' name cleaning)
+    clean = lambda n: clean_name(n, plugin.name_policy)  # noqa: E731
     with torch.no_grad():
         attr_emb = backbone.word_embedding([clean(a) for a in dataset.attrs]).float().cpu()
         obj_emb = backbone.word_embedding([clean(o) for o in dataset.objs]).float().cpu()

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from czsl_bench.names import clean_name
+
 if TYPE_CHECKING:
     from czsl_bench.backbone import Backbone
 
@@ -40,7 +42,6 @@ __all__ = [
     "CACHE_FORMAT_VERSION",
     "CacheEntry",
     "FeatureCache",
-    "clean_name",
     "default_cache_root",
     "encode_images",
     "encode_texts",
@@ -314,12 +315,6 @@ class FeatureCache:
 
 # --------------------------------------------------------------------------------------------
 # the common uses: image features of a split, text features of pair prompts
-
-
-def clean_name(name: str) -> str:
-    """The repos' class-name cleaning: every '.' becomes a space, then lower-case
-    (UT-Zappos ``Boots.Ankle`` -> ``boots ankle``; C-GQA keeps underscores)."""
-    return name.replace(".", " ").lower()
 
 
 def pair_prompts(

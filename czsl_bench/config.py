@@ -23,6 +23,7 @@ import json
 import types
 import typing
 from pathlib import Path, PurePath
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, Union
 
 C = TypeVar("C")
@@ -50,6 +51,23 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
 
 
+def field_aliases(cls: type) -> dict[str, str]:
+    """``{alias: field}`` from ``field(metadata={"alias": "mu"})``: the name a paper or a table uses
+    for a field (ClusPro's ``mu`` is ``ema_momentum``). Either name works in ``--set``, config
+    files and ablations; records store the field name."""
+    if not dataclasses.is_dataclass(cls):
+        return {}
+    return {f.metadata["alias"]: f.name for f in dataclasses.fields(cls) if "alias" in f.metadata}
+
+
+def _canonical_key(cls: type, key: str) -> str:
+    return field_aliases(cls).get(key, key)
+
+
+def _known_keys(cls: type, types_: dict[str, Any]) -> list[str]:
+    return sorted(set(types_) | set(field_aliases(cls)))
+
+
 def _type_name(tp: Any) -> str:
     if tp is Any:
         return "any value"
@@ -63,7 +81,7 @@ def _is_union(origin: Any) -> bool:
 
 
 def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, known, n=3)
+    close = [k for k in known if k.lower() == key.lower()] or difflib.get_close_matches(key, known, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     return ConfigError(f"unknown config key {key!r} for {where}.{hint} Known keys: {', '.join(known)}")
 
@@ -235,9 +253,10 @@ def _build(cls: type[C], values: dict[str, Any], where: str) -> C:
     if base is not None:
         return apply_values(base, values, where=where)
     types_ = _field_types(cls)
+    values = {_canonical_key(cls, k): v for k, v in values.items()}
     unknown = [k for k in values if k not in types_]
     if unknown:
-        raise _unknown_key(unknown[0], sorted(types_), where)
+        raise _unknown_key(unknown[0], _known_keys(cls, types_), where)
     return cls(**{k: coerce(v, types_[k], f"{where}.{k}") for k, v in values.items()})
 
 
@@ -282,8 +301,9 @@ def apply_values(cfg: C, values: dict[str, Any], where: str | None = None) -> C:
     types_ = _field_types(cls)
     changes: dict[str, Any] = {}
     for key, value in values.items():
+        key = _canonical_key(cls, key)
         if key not in types_:
-            raise _unknown_key(key, sorted(types_), where)
+            raise _unknown_key(key, _known_keys(cls, types_), where)
         tp = types_[key]
         current = getattr(cfg, key)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
@@ -329,9 +349,10 @@ def _coerce_nested(cls: type, values: dict[str, Any], where: str, prefix: str) -
     types_ = _field_types(cls)
     out: dict[str, Any] = {}
     for key, value in values.items():
+        key = _canonical_key(cls, key)
         dotted = f"{prefix}{key}"
         if key not in types_:
-            raise _unknown_key(dotted, [f"{prefix}{k}" for k in sorted(types_)], where)
+            raise _unknown_key(dotted, [f"{prefix}{k}" for k in _known_keys(cls, types_)], where)
         tp = types_[key]
         if isinstance(value, dict) and dataclasses.is_dataclass(tp):
             out[key] = _coerce_nested(tp, value, where, prefix=f"{dotted}.")
@@ -432,3 +453,121 @@ def _jsonable(value: Any) -> Any:
 def config_from_dict(config_cls: type[C], values: dict[str, Any]) -> C:
     """Rebuild a config from :func:`config_to_dict` output (e.g. the ``config`` of a run record)."""
     return _build(config_cls, values, where=config_cls.__qualname__)
+
+
+# -- the one resolution pipeline -----------------------------------------------------------------
+
+SOURCE_CLASS = "class default"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A resolved config and where each value came from.
+
+    ``sources`` maps every dotted field to ``"class default"``, ``"recipe NAME"``, ``"config file
+    PATH"``, ``"ablation NAME"``, ``"--set"`` or ``"derived from ..."`` (a value a config computes
+    from another, e.g. ClusPro's variant). ``changed`` holds the values that differ from the
+    recipe defaults, dotted: what a table names when it tells two configurations apart.
+    """
+
+    config: Any
+    sources: dict[str, str]
+    changed: dict[str, Any]
+
+
+def resolve(
+    target: type,
+    recipe: str | None,
+    config_file: str | Path | None = None,
+    ablation: str | None = None,
+    overrides: list[str] | tuple[str, ...] | dict[str, Any] | None = (),
+) -> Resolved:
+    """``target.defaults(recipe)`` < config file < ablation < ``--set``, with provenance.
+
+    ``target`` is a method class (its ``Config`` and ``ablations()`` are used) or a config
+    dataclass. ``overrides`` are ``key=value`` strings (parsed once here) or a nested mapping;
+    aliases (``mu``) are accepted everywhere. Errors are one-line :class:`ConfigError`.
+    """
+    config_cls = getattr(target, "Config", target)
+    stages: list[tuple[str, Any, dict[str, Any] | None]] = []
+    try:
+        base = config_cls() if not _has_required_fields(config_cls) else None
+    except (TypeError, ValueError):
+        base = None
+    cfg = _call_defaults(config_cls, recipe)
+    if not isinstance(cfg, config_cls):
+        raise TypeError(f"{config_cls.__qualname__}.defaults({recipe!r}) returned {type(cfg).__name__}")
+    recipe_cfg = cfg
+    if config_file is not None:
+        file_values = load_config_file(config_file)
+        try:
+            cfg = apply_values(cfg, file_values)
+        except ConfigError as exc:
+            raise ConfigError(f"config file {config_file}: {exc}") from None
+        stages.append((f"config file {config_file}", cfg, _normalise(config_cls, file_values)))
+    if ablation is not None:
+        variants = target.ablations() if hasattr(target, "ablations") else {}
+        if ablation not in variants:
+            known = ", ".join(sorted(variants)) or "none"
+            name = getattr(target, "name", config_cls.__qualname__)
+            raise ConfigError(f"method {name!r} has no ablation {ablation!r}; known: {known}")
+        cfg = apply_values(cfg, variants[ablation])
+        stages.append((f"ablation {ablation}", cfg, _normalise(config_cls, variants[ablation])))
+    if overrides:
+        values = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides), config_cls)
+        cfg = apply_values(cfg, values)
+        stages.append(("--set", cfg, _normalise(config_cls, values)))
+
+    final = _flat(config_to_dict(cfg))
+    recipe_values = _flat(config_to_dict(recipe_cfg))
+    class_values = _flat(config_to_dict(base)) if base is not None else {}
+    sources = {}
+    for key in final:
+        if key in class_values and _same(class_values[key], recipe_values.get(key)):
+            sources[key] = SOURCE_CLASS
+        else:
+            sources[key] = f"recipe {recipe}"
+    previous = recipe_values
+    for label, stage_cfg, mentioned in stages:
+        values = _flat(config_to_dict(stage_cfg))
+        for key, value in values.items():
+            if key in (mentioned or {}):
+                sources[key] = label
+            elif not _same(value, previous.get(key)):
+                sources[key] = f"derived from {label}"
+        previous = values
+    changed = {k: v for k, v in final.items() if not _same(v, recipe_values.get(k))}
+    return Resolved(cfg, sources, changed)
+
+
+def _has_required_fields(cls: type) -> bool:
+    return any(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+               for f in dataclasses.fields(cls) if f.init)
+
+
+def _normalise(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Dotted canonical field names a stage mentioned (aliases resolved)."""
+    out: dict[str, Any] = {}
+    types_ = _field_types(cls) if dataclasses.is_dataclass(cls) else {}
+    for key, value in values.items():
+        key = _canonical_key(cls, key)
+        tp = types_.get(key)
+        if isinstance(value, dict) and dataclasses.is_dataclass(tp):
+            out.update({f"{key}.{k}": v for k, v in _normalise(tp, value).items()})
+        else:
+            out[key] = value
+    return out
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)

@@ -1,10 +1,12 @@
 """The method contract: what a CZSL method plugin implements, and what the harness hands it.
 
-A method is a class with a ``name``, a typed ``Config`` dataclass and three steps::
+A method is a class with a ``name``, a typed ``Config`` dataclass and two steps::
 
     prepare(ctx)        build text banks, read cached features, create parameters
-    fit(ctx)            optional: train, normally through the shared Trainer (training.py)
     score(ctx, split)   [N images, P pairs] float logits, or an iterator of (col_start, block)
+
+A trainable method adds the Trainer hooks (``train_dataset``, ``training_step``); the harness
+then trains it with the shared Trainer (training.py) between the two steps.
 
 plus two optional extras, ``ablations()`` (named config overrides) and ``explain()``.
 The harness (``czsl_bench.api``) owns everything else: seeding, dataset and backbone loading,
@@ -18,12 +20,10 @@ import dataclasses
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from czsl_bench.training import FitResult, Trainer
 
 Scores = torch.Tensor | Iterator[tuple[int, torch.Tensor]]
 
@@ -110,11 +110,6 @@ class NoConfig:
         return cls()
 
 
-def is_embedded(dataset: str) -> bool:
-    """True for the CPU-sized embedded world (per-dataset defaults branch on this)."""
-    return dataset == "synthetic" or dataset.startswith("synthetic")
-
-
 # ---------------------------------------------------------------------------------------------
 # The run context
 # ---------------------------------------------------------------------------------------------
@@ -136,10 +131,16 @@ class RunContext:
     setting: str = "closed"
     cache: Any = None  # czsl_bench.cache.FeatureCache or None (features recomputed)
     progress: Any = field(default_factory=NullProgress)
-    trainer: Trainer | None = None
     eval_batch_size: int = 256
     num_workers: int = 0
+    name_policy: str = "dots"  # the dataset plugin's (czsl_bench.names)
     _features: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def clean_name(self, name: str) -> str:
+        """A primitive name as prompt words, under the dataset's name policy."""
+        from czsl_bench.names import clean_name
+
+        return clean_name(name, self.name_policy)
 
     def split(self, name: str, world: str = "closed") -> Any:
         """The dataset's split ``name`` in ``world`` (memoised by the dataset)."""
@@ -158,15 +159,6 @@ class RunContext:
             with torch.random.fork_rng(devices=[]):
                 self._features[key] = _image_features(self, split)
         return self._features[key]
-
-    def fit(self, method: Method) -> FitResult | None:
-        """Train ``method`` with the shared Trainer (what :meth:`Method.fit` does by default)."""
-        if self.trainer is None:
-            raise RuntimeError(
-                f"method {method.name!r} wants training but the run has no trainer; "
-                "use czsl_bench.api.run, which builds one"
-            )
-        return self.trainer.fit(method, self)
 
 
 def _image_features(ctx: RunContext, split: Any) -> torch.Tensor:
@@ -213,27 +205,24 @@ class Method:
     :meth:`train_dataset`, :meth:`training_step` and :meth:`parameters`.
 
     The instance lives for one run: the harness creates it with the resolved config, calls
-    ``prepare``, ``fit`` (if the method trains), then ``score`` for val and test.
+    ``prepare``, trains it with the shared Trainer if it has a ``training_step``, then ``score``s
+    val and test.
     """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = NoConfig
+    #: ``inductive`` (test images are scored independently, as every method here) or
+    #: ``transductive`` (adapts at test time); part of the run identity.
+    track: ClassVar[str] = "inductive"
     #: True when the image encoder stays frozen; the harness then asserts it is not trained.
     frozen_image_encoder: ClassVar[bool] = True
 
     def __init__(self, config: Any = None):
-        self.config = config if config is not None else _call_defaults(self.Config, "synthetic")
+        self.config = config if config is not None else _call_defaults(self.Config, "synthetic")  # the embedded recipe
 
     # -- the three steps ------------------------------------------------------------------------
     def prepare(self, ctx: RunContext) -> None:
         """Build what scoring and training need (text banks, cached features, parameters)."""
-
-    def fit(self, ctx: RunContext) -> FitResult | None:
-        """Train. The default runs the shared Trainer when the method implements
-        :meth:`training_step`, and does nothing (zero-shot) otherwise."""
-        if not self.trains:
-            return None
-        return ctx.fit(self)
 
     def score(self, ctx: RunContext, split: Any) -> Scores:
         """``[len(split), len(split.pairs)]`` float scores, larger = more likely.
@@ -350,5 +339,4 @@ def iter_column_blocks(n_cols: int, block: int) -> Iterable[tuple[int, int]]:
 __all__ = [
     "Method", "RunContext", "TrainConfig", "NoConfig", "Progress", "NullProgress", "Scores",
     "check_method_class", "parameter_counts", "encode_split_images", "iter_column_blocks",
-    "is_embedded",
 ]

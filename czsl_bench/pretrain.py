@@ -268,8 +268,9 @@ def zero_shot_scores(model, tokenizer, split, template: str = ZERO_SHOT_TEMPLATE
     import torch.nn.functional as F
     from PIL import Image
 
-    prompts = [template.format(attr=a.replace(".", " ").replace("_", " "), obj=o.replace(".", " ").replace("_", " "))
-               for a, o in split.pairs]
+    from czsl_bench.names import clean_name
+
+    prompts = [template.format(attr=clean_name(a), obj=clean_name(o)) for a, o in split.pairs]
     with torch.no_grad():
         text = F.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
         feats = []

@@ -1,14 +1,22 @@
-"""Run records: one JSON file per (method, variant, dataset, setting, seed).
+"""Run records: one JSON file per run identity (czsl_bench.identity).
 
-A record holds everything needed to read a result later without the code that produced it: the run
-key, the fully resolved config, the evaluator's protocol version, metrics on validation and test,
-the chosen epoch and open-world threshold, timings, parameter counts and the environment.
+A record holds everything needed to read a result later without the code that produced it: its
+identity (method, resolved config, backbone and weights hash, dataset version, setting, seed,
+protocol, feasibility source, track) and that identity's fingerprint, metrics on validation and
+test, the chosen epoch and open-world threshold, timings, parameter counts and the environment.
 Published numbers from papers use the same schema with ``source: "paper"`` and a citation
-(``results/reported/``), so tables treat both alike.
+(``results/reported/``), so tables treat both alike; they have no identity.
 
-Files are written atomically (temp file, fsync, ``os.replace``) at a deterministic path, so a
-killed run leaves either the old file or none, and ``--skip-existing`` only has to ask whether the
-path holds a valid record. The JSON Schema for external tools ships as
+Paths are human-readable and deterministic::
+
+    <results>/<method>/<dataset>/<arch>-<tag>/<setting>/seed<k>.json                 recipe defaults
+    <results>/<method>/<dataset>/<arch>-<tag>/<setting>/<variant|custom>-<cfg8>/seed<k>.json
+
+Files are written atomically (temp file, fsync, ``os.replace``). A record already at the path
+with another fingerprint is never overwritten: it is kept beside as ``seed<k>.<fp8>.json``.
+Schema version 1 records (keyed by method, variant, dataset, setting, seed only) are read and
+migrated in memory, with what they could not know left ``null`` and said in ``notes``; ``czsl-bench
+records migrate`` rewrites them. The JSON Schema for external tools ships as
 ``czsl_bench/data/run_record.schema.json``; ``docs/results.md`` documents every field.
 
 Metrics are fractions in [0, 1] (tables multiply by 100), keyed by split and then by the
@@ -34,7 +42,7 @@ from importlib import metadata, resources
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SETTINGS = ("closed", "open")
 SPLITS = ("val", "test")
@@ -45,8 +53,9 @@ METRICS = ("best_seen", "best_unseen", "best_hm", "auc", "attr_acc", "obj_acc", 
 HIGHER_IS_BETTER = {name: True for name in METRICS if name != "bias"}
 FRACTION_METRICS = tuple(name for name in METRICS if name != "bias")
 
-# Folder names under results/ that are not method names.
-RESERVED_NAMES = ("reported",)
+# Folder names under results/ that are not method names: the papers' published rows and the
+# project's committed reference runs (never written by a user's run).
+RESERVED_NAMES = ("reported", "reference")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 # The packages whose versions change results; recorded in every run's environment.
@@ -86,8 +95,11 @@ class RunRecord:
     params: dict[str, int] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     citation: str | None = None
-    provenance: dict[str, str] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
     notes: str | None = None
+    identity: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # config fields changed from the recipe
     created: str = field(default_factory=lambda: _utc_now())
     schema_version: int = SCHEMA_VERSION
 
@@ -128,7 +140,22 @@ class RunRecord:
             raise RecordError(f"open_threshold is {self.open_threshold!r}; it must be a number or null")
         if self.chosen_epoch is not None and (isinstance(self.chosen_epoch, bool) or not isinstance(self.chosen_epoch, int)):
             raise RecordError(f"chosen_epoch is {self.chosen_epoch!r}; it must be an int or null")
-        for mapping_name in ("config", "backbone", "n_images", "timings", "params", "environment", "provenance"):
+        if self.source == "run" and self.schema_version >= 2:
+            if not self.identity:
+                raise RecordError("a run record needs an identity (schema 2); is it a published row?")
+            from czsl_bench.identity import RunIdentity
+
+            try:
+                ident = RunIdentity.from_dict(self.identity)
+            except ValueError as exc:
+                raise RecordError(str(exc)) from None
+            if self.fingerprint != ident.fingerprint:
+                raise RecordError(f"fingerprint {self.fingerprint!r} does not match its identity "
+                                  f"({ident.fingerprint}): the file was edited; re-run it")
+            if (ident.method, ident.setting, ident.seed) != (self.method, self.setting, self.seed):
+                raise RecordError("identity names another method, setting or seed than the record")
+        for mapping_name in ("config", "backbone", "n_images", "timings", "params", "environment",
+                             "provenance", "identity", "overrides"):
             if not isinstance(getattr(self, mapping_name), dict):
                 raise RecordError(f"{mapping_name} must be a JSON object, got {type(getattr(self, mapping_name)).__name__}")
         for key, value in self.params.items():
@@ -140,9 +167,25 @@ class RunRecord:
 
     # -- identity -------------------------------------------------------------------------------
     @property
-    def key(self) -> tuple[str, str | None, str, str, int | None, str]:
-        """(method, variant, dataset, setting, seed, source): unique within a results tree."""
+    def key(self) -> tuple:
+        """What makes two records the same result: the fingerprint for runs; (method, variant,
+        dataset, setting, source) for published rows."""
+        if self.source == "run":
+            return ("run", self.fingerprint)
         return (self.method, self.variant, self.dataset, self.setting, self.seed, self.source)
+
+    @property
+    def run_identity(self):
+        """The :class:`~czsl_bench.identity.RunIdentity` of a run record (None for paper rows)."""
+        from czsl_bench.identity import RunIdentity
+
+        return RunIdentity.from_dict(self.identity) if self.identity else None
+
+    @property
+    def group_fingerprint(self) -> str | None:
+        """The identity without the seed: records sharing it are seeds of one configuration."""
+        ident = self.run_identity
+        return ident.group_fingerprint if ident is not None else None
 
     # -- (de)serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -171,6 +214,8 @@ class RunRecord:
         data.pop("higher_is_better", None)  # derived, written for external readers
         if "schema_version" not in data:
             raise RecordError("schema_version is missing; is this a czsl-bench run record?")
+        if data["schema_version"] == 1:
+            data = migrate_v1(data)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -192,6 +237,8 @@ class RunRecord:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise RecordError(f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+        except RecursionError:
+            raise RecordError("not a record: JSON nested too deeply to read") from None
         return cls.from_dict(data)
 
     def describe(self) -> str:
@@ -258,34 +305,71 @@ def _utc_now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
+# -- schema 1 -> 2 -----------------------------------------------------------------------------------
+
+
+def migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """A schema-1 record as schema 2, in memory: its identity built from what it stored.
+
+    Schema 1 kept no dataset version (``identity.dataset.version`` stays null) and no list of
+    changed config fields; ``notes`` says so. A migrated record's fingerprint therefore differs
+    from a fresh run's until ``czsl-bench records migrate --dataset-version`` fills the version in.
+    """
+    from czsl_bench.identity import RunIdentity
+
+    data = dict(data)
+    data["schema_version"] = SCHEMA_VERSION
+    if data.get("source", "run") != "run":
+        return data
+    backbone = data.get("backbone") or {}
+    provenance = data.get("provenance") or {}
+    try:
+        ident = RunIdentity(
+            method=data["method"], config=data.get("config") or {},
+            backbone={"arch": backbone.get("arch"), "pretrained": backbone.get("pretrained"),
+                      "weights_hash": backbone.get("weights_hash")},
+            dataset={"name": data["dataset"], "version": None}, setting=data["setting"], seed=data["seed"],
+            protocol=data.get("protocol"),
+            feasibility=provenance.get("feasibility") if data["setting"] == "open" else None)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RecordError(f"schema 1 record cannot be migrated: {exc}") from None
+    unknown = ident.unknown_fields()
+    note = f"migrated from schema 1; unknown: {', '.join(unknown) or 'nothing'}"
+    data["identity"] = ident.to_dict()
+    data["fingerprint"] = ident.fingerprint
+    data["notes"] = f"{data['notes']}; {note}" if data.get("notes") else note
+    data["provenance"] = {**provenance, "migrated_from_schema": 1}
+    return data
+
+
 # -- paths ------------------------------------------------------------------------------------------
 
 
-def record_path(
-    results_dir: str | Path,
-    method: str,
-    dataset: str,
-    setting: str,
-    seed: int,
-    variant: str | None = None,
-) -> Path:
-    """``<results_dir>/<method>/<dataset>/<setting>/seed<k>.json``; an ablation variant adds a folder.
+def record_path(results_dir: str | Path, identity: Any, variant: str | None = None,
+                overrides: dict[str, Any] | None = None) -> Path:
+    """Where the record of ``identity`` (a :class:`~czsl_bench.identity.RunIdentity`) lives.
 
-    Variants go to ``<results_dir>/<method>/<dataset>/<setting>/variants/<variant>/seed<k>.json``,
-    so the published configuration and its ablations never share a file and the path depends on
-    nothing but the run key.
+    ``<results_dir>/<method>/<dataset>/<arch>-<tag>/<setting>/seed<k>.json`` when the config is
+    the recipe's defaults (``overrides`` empty); otherwise a folder ``<variant>-<cfg8>`` (or
+    ``custom-<cfg8>``) named by the config's short fingerprint before ``seed<k>.json``.
     """
+    from czsl_bench.identity import backbone_label
+
+    method, dataset = identity.method, identity.dataset.get("name")
     check_name(method, "method")
     check_name(dataset, "dataset")
     if method in RESERVED_NAMES:
         raise RecordError(f"method name {method!r} is reserved for results/{method}/; rename the method")
-    if setting not in SETTINGS:
-        raise RecordError(f"setting is {setting!r}; it must be one of {', '.join(SETTINGS)}")
+    if identity.setting not in SETTINGS:
+        raise RecordError(f"setting is {identity.setting!r}; it must be one of {', '.join(SETTINGS)}")
+    seed = identity.seed
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise RecordError(f"seed is {seed!r}; it must be a non-negative int")
-    base = Path(results_dir) / method / dataset / setting
-    if variant is not None:
-        base = base / "variants" / check_name(variant, "variant")
+    bb = re.sub(r"[^A-Za-z0-9._+-]", "-", backbone_label(identity.backbone))
+    base = Path(results_dir) / method / dataset / bb / identity.setting
+    if overrides:
+        label = check_name(variant, "variant") if variant else "custom"
+        base = base / f"{label}-{identity.config_fingerprint}"
     return base / f"seed{seed}.json"
 
 
@@ -305,8 +389,7 @@ def path_for(record: RunRecord, results_dir: str | Path) -> Path:
     """The deterministic path of ``record`` under ``results_dir`` (runs) or itself (paper rows)."""
     if record.source == "paper":
         return reported_path(results_dir, record.method, record.dataset, record.setting, record.variant)
-    assert record.seed is not None  # validated: runs always have a seed
-    return record_path(results_dir, record.method, record.dataset, record.setting, record.seed, record.variant)
+    return record_path(results_dir, record.run_identity, record.variant, record.overrides)
 
 
 # -- writing and reading ----------------------------------------------------------------------------
@@ -352,18 +435,48 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def write_record(record: RunRecord, results_dir: str | Path) -> Path:
-    """Validate ``record`` and write it atomically at its deterministic path; returns the path."""
+    """Validate ``record`` and write it atomically at its deterministic path; returns the path.
+
+    A record already there that is another run (another fingerprint) is kept, renamed to
+    ``seed<k>.<its fp8>.json``; one written by a newer czsl-bench (a newer schema) is never
+    touched: :class:`RecordError` says which version wrote it.
+    """
     record.validate()
-    return atomic_write_text(path_for(record, results_dir), record.to_json())
+    path = path_for(record, results_dir)
+    existing = _peek(path)
+    if existing is not None:
+        version = existing.get("schema_version")
+        if isinstance(version, int) and version > SCHEMA_VERSION:
+            wrote = ((existing.get("environment") or {}).get("packages") or {}).get("czsl-bench", "a newer version")
+            raise RecordError(f"refusing to overwrite {path}: it is a schema {version} record written by "
+                              f"czsl-bench {wrote}; this czsl-bench writes schema {SCHEMA_VERSION}. "
+                              "Upgrade czsl-bench or use another --results-dir")
+        old_fp = existing.get("fingerprint")
+        if record.source == "run" and old_fp and old_fp != record.fingerprint:
+            keep = path.with_name(f"{path.stem}.{str(old_fp)[:8]}.json")
+            os.replace(path, keep)
+            warnings.warn(f"{path} held another run (fingerprint {old_fp}); kept it as {keep.name}", stacklevel=2)
+    return atomic_write_text(path, record.to_json())
+
+
+def _peek(path: Path) -> dict[str, Any] | None:
+    """The raw JSON object at ``path`` (None when absent or unreadable): what a writer checks."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def read_record(path: str | Path) -> RunRecord:
     """Read one record; a malformed file raises :class:`RecordError` naming the file."""
     path = Path(path)
     try:
-        return _read(path)
+        record = _read(path)
     except RecordError as exc:
         raise RecordError(f"{path}: {exc}") from None
+    object.__setattr__(record, "source_path", path)
+    return record
 
 
 def _read(path: Path) -> RunRecord:
@@ -374,13 +487,19 @@ def _read(path: Path) -> RunRecord:
     return RunRecord.from_json(text)
 
 
-def is_finished(path: str | Path) -> bool:
-    """True when ``path`` holds a valid record: what ``--skip-existing`` asks before running."""
+def find_existing(results_dir: str | Path, identity: Any, variant: str | None = None,
+                  overrides: dict[str, Any] | None = None) -> RunRecord | None:
+    """The record of exactly ``identity`` (same fingerprint) at its path, or None:
+    what ``--skip-existing`` asks before running."""
+    path = record_path(results_dir, identity, variant, overrides)
     try:
-        read_record(path)
+        record = read_record(path)
     except (OSError, RecordError):
-        return False
-    return True
+        return None
+    if record.fingerprint != identity.fingerprint:
+        return None
+    object.__setattr__(record, "source_path", path)
+    return record
 
 
 def _warn_skip(path: Path, reason: str) -> None:
@@ -411,9 +530,12 @@ def load_records(
         if any(parent in excluded for parent in path.parents) or any(part.startswith(".") for part in relative.parts):
             continue  # temp files and hidden folders (e.g. results/.checkpoints) hold no records
         try:
-            records.append(_read(path))
-        except (OSError, RecordError) as exc:
+            record = _read(path)
+        except (OSError, RecordError, RecursionError) as exc:
             report(path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            continue
+        object.__setattr__(record, "source_path", path)  # not serialised: where it was read from
+        records.append(record)
     return records
 
 

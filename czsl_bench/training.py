@@ -115,7 +115,8 @@ class Trainer:
 
     def __init__(self, *, device: torch.device | str = "cpu", seed: int = 0,
                  validate: Validate | None = None, checkpoint_dir: str | os.PathLike | None = None,
-                 resume: bool = False, progress: Any = None, stop_after: int | None = None):
+                 resume: bool = False, progress: Any = None, stop_after: int | None = None,
+                 fingerprint: str | None = None):
         self.device = torch.device(device)
         self.seed = seed
         self.validate = validate
@@ -123,6 +124,9 @@ class Trainer:
         self.resume = resume
         self.progress = progress or NullProgress()
         self.stop_after = stop_after
+        # what a checkpoint must match to be resumed; the harness passes the run identity's
+        # (method, config, backbone + weights, dataset version, seed); else method, config, seed
+        self.fingerprint = fingerprint
 
     # ------------------------------------------------------------------------------------------
     def fit(self, method: Method, ctx: RunContext) -> FitResult:
@@ -136,7 +140,7 @@ class Trainer:
         amp_dtype = torch.float16 if cfg.amp_dtype == "float16" else torch.bfloat16
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
-        fingerprint = config_fingerprint(method, self.seed)
+        fingerprint = self.fingerprint or config_fingerprint(method, self.seed)
         history: list[EpochLog] = []
         best_value: float | None = None
         best_epoch = 0
@@ -331,8 +335,8 @@ class Trainer:
             raise ValueError(f"checkpoint {path} has format version {ckpt.get('version')}, expected "
                              f"{CHECKPOINT_VERSION}; delete it to start over")
         if ckpt.get("fingerprint") != fingerprint:
-            raise ValueError(f"checkpoint {path} was written with another method config or seed; "
-                             "delete it or run without --resume")
+            raise ValueError(f"checkpoint {path} was written by another run (method config, backbone, "
+                             "weights, dataset version or seed differ); delete it or run without --resume")
         return ckpt
 
 

@@ -28,6 +28,8 @@ class CGQA(StandardDataset):
 
 plugin = CGQA(
     name="cgqa",
+    recipe="cgqa",
+    feasibility="glove-reference",  # the GloVe vectors the papers used (docs/evaluation.md)
     title="C-GQA (updated)",
     citation=(
         "M. F. Naeem, Y. Xian, F. Tombari, Z. Akata. Learning Graph Embeddings for Compositional "

@@ -399,6 +399,27 @@ class CZSLDataset:
     descriptions: dict[Pair, list[str]] | None = None
     image_root: Path | None = None  # default <root>/images
     _splits: dict[tuple[str, str], Split] = field(default_factory=dict, repr=False)
+    _version: str | None = field(default=None, repr=False)
+
+    @property
+    def version(self) -> str:
+        """Content version: sha256 (16 hex) of the split pair lists and of every split's
+        (image, attr, obj) list. Part of a run's identity: two copies of a dataset with equal
+        versions give a method the same inputs up to the image bytes (``data check`` verifies
+        those). Independent of where the copy lives."""
+        import hashlib
+
+        if self._version is None:
+            h = hashlib.sha256()
+            for split in ("train", "val", "test"):
+                pairs = getattr(self, f"{split}_pairs")
+                h.update(f"{split} pairs {len(pairs)}\n".encode())
+                h.update("".join(f"{a} {o}\n" for a, o in pairs).encode())
+                images = self.split_images.get(split, [])
+                h.update(f"{split} images {len(images)}\n".encode())
+                h.update("".join(f"{img}\t{a}\t{o}\n" for img, a, o in images).encode())
+            self._version = h.hexdigest()[:16]
+        return self._version
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)

@@ -42,6 +42,8 @@ class MITStates(StandardDataset):
 
 plugin = MITStates(
     name="mit-states",
+    recipe="mit-states",
+    feasibility="glove-reference",  # the GloVe vectors the papers used (docs/evaluation.md)
     title="MIT-States",
     citation=(
         "P. Isola, J. J. Lim, E. H. Adelson. Discovering States and Transformations in Image Collections. "

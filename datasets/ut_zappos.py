@@ -31,6 +31,8 @@ class UTZappos(StandardDataset):
 
 plugin = UTZappos(
     name="ut-zappos",
+    recipe="ut-zappos",
+    feasibility="glove-reference",  # the GloVe vectors the papers used (docs/evaluation.md)
     title="UT-Zappos50K",
     citation=(
         "A. Yu, K. Grauman. Fine-Grained Visual Comparisons with Local Learning. CVPR 2014; "

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from czsl_bench.method import Method, RunContext
 
-from .soft_prompt import CosineScoring, clean_name, explain_scores, logit_scale
+from .soft_prompt import CosineScoring, explain_scores, logit_scale
 
 
 @dataclass
@@ -41,8 +41,8 @@ class CLIPZeroShot(CosineScoring, Method):
         self.scale = logit_scale(ctx.backbone)
         self._text: dict[tuple[str, int, int], torch.Tensor] = {}
 
-    def prompts(self, pairs) -> list[str]:
-        return [self.config.template.format(attr=clean_name(a), obj=clean_name(o)) for a, o in pairs]
+    def prompts(self, pairs, clean) -> list[str]:
+        return [self.config.template.format(attr=clean(a), obj=clean(o)) for a, o in pairs]
 
     @torch.no_grad()
     def text_features(self, ctx: RunContext, split, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -54,9 +54,9 @@ class CLIPZeroShot(CosineScoring, Method):
             from czsl_bench.cache import pair_text_features
 
             feats = pair_text_features(ctx.backbone, split.pairs[start:stop], self.config.template,
-                                       cache=ctx.cache, batch_size=self.config.text_batch_size, clean=clean_name)
+                                       cache=ctx.cache, batch_size=self.config.text_batch_size, clean=ctx.clean_name)
         else:
-            prompts = self.prompts(split.pairs[start:stop])
+            prompts = self.prompts(split.pairs[start:stop], ctx.clean_name)
             bs = self.config.text_batch_size
             feats = torch.cat([ctx.backbone.encode_text(prompts[i:i + bs]).float()
                                for i in range(0, len(prompts), bs)])

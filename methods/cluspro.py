@@ -26,7 +26,7 @@ Registered names: ``cluspro`` and ``cluspro-base`` (the same model and recipe, c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
@@ -58,8 +58,9 @@ class ClusProConfig(ThreePathConfig):
 
     variant: Literal["paper", "code"] = "paper"
     clustering: bool = True  # False = the three-path base (cluspro-base)
-    n_prototypes: int = 5  # K per primitive
-    ema_momentum: float = 0.99  # mu of the EMA update
+    # the paper's K and mu: accepted under those names (--set K=10, --set mu=0.9)
+    n_prototypes: int = field(default=5, metadata={"alias": "K"})
+    ema_momentum: float = field(default=0.99, metadata={"alias": "mu"})
     alpha: float = VFloat(0.2)  # weight of L_PCL
     beta: float = VFloat(0.5)  # weight of L_PDL
     tau: float = VFloat(0.1)  # L_PCL temperature
@@ -297,9 +298,9 @@ class ClusPro(ThreePathMethod):
             "code": {"variant": "code"},  # the released code's behaviour, as its own row
         }
         for mu in (0.0, 0.5, 0.9, 0.99, 0.999):
-            grid[f"mu-{mu:g}"] = {"ema_momentum": mu}
+            grid[f"mu-{mu:g}"] = {"mu": mu}
         for k in (1, 3, 5, 10, 20):
-            grid[f"k-{k}"] = {"n_prototypes": k}
+            grid[f"k-{k}"] = {"K": k}
         return grid
 
     @classmethod

@@ -18,7 +18,7 @@ The image encoder stays frozen: training and scoring use cached image features.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,16 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from czsl_bench.method import Method, RunContext, TrainConfig, is_embedded, iter_column_blocks
+from czsl_bench.method import Method, RunContext, TrainConfig, iter_column_blocks
+from czsl_bench.names import clean_name
 
 TEMPLATE = "a photo of x x"
 CONTEXT = "a photo of"
 N_CONTEXT = 3  # "a photo of"
-
-
-def clean_name(name: str) -> str:
-    """``"Boots.Ankle"`` → ``"boots ankle"`` (CSP/PLID; C-GQA keeps its underscores)."""
-    return name.replace(".", " ").lower()
 
 
 def eot_positions(backbone, ids: torch.Tensor) -> torch.Tensor:
@@ -54,9 +50,10 @@ def logit_scale(backbone) -> float:
 
 
 @torch.no_grad()
-def word_vectors(backbone, names: Sequence[str], device: torch.device) -> torch.Tensor:
+def word_vectors(backbone, names: Sequence[str], device: torch.device,
+                 clean: Callable[[str], str] = clean_name) -> torch.Tensor:
     """``[len(names), d]``: mean token embedding of each cleaned name (its SOT..EOT interior)."""
-    ids = backbone.tokenize([clean_name(n) for n in names]).to(device)
+    ids = backbone.tokenize([clean(n) for n in names]).to(device)
     emb = backbone.token_embedding(ids).float()
     eot = eot_positions(backbone, ids)
     out = torch.empty(len(names), emb.shape[-1], device=emb.device)
@@ -76,7 +73,7 @@ class SoftPrompt(nn.Module):
 
     def __init__(self, backbone, attrs: Sequence[str], objs: Sequence[str], device: torch.device,
                  learn_context: bool, learn_vocab: bool, vocab_dropout: float = 0.0,
-                 context_length: int | None = None):
+                 context_length: int | None = None, clean: Callable[[str], str] = clean_name):
         super().__init__()
         self.backbone = [backbone]  # a list keeps the frozen backbone out of this module's state
         with torch.no_grad():
@@ -90,7 +87,7 @@ class SoftPrompt(nn.Module):
         self.register_buffer("template", template, persistent=False)
         self.eot = eot
         self.n_attrs = len(attrs)
-        vocab = word_vectors(backbone, list(attrs) + list(objs), device)
+        vocab = word_vectors(backbone, list(attrs) + list(objs), device, clean)
         context = template[0, 1:1 + N_CONTEXT].clone()
         if learn_vocab:
             self.vocab = nn.Parameter(vocab)
@@ -144,12 +141,11 @@ _EMBEDDED = dict(epochs=12, batch_size=512, grad_accum=1, lr=1e-2, attr_dropout=
                  context_length=8, optimizer="adam", scheduler="none")
 
 
-def csp_training_defaults(dataset: str) -> dict[str, Any]:
-    """The CSP-codebase training settings for ``dataset`` (also used by CoOp)."""
-    if is_embedded(dataset):
+def csp_training_defaults(recipe: str) -> dict[str, Any]:
+    """The CSP-codebase training settings of a recipe family (also used by CoOp)."""
+    if recipe == "synthetic":
         return dict(_EMBEDDED)
-    # Unknown (third-party) datasets get the MIT-States recipe, the repository's default command.
-    return {**_COMMON, **_PER_DATASET.get(dataset, _PER_DATASET["mit-states"])}
+    return {**_COMMON, **_PER_DATASET[recipe]}
 
 
 class CosineScoring:
@@ -184,7 +180,7 @@ class SoftPromptMethod(CosineScoring, Method):
         ds = ctx.dataset
         self.prompt = SoftPrompt(ctx.backbone, ds.attrs, ds.objs, ctx.device, self.learn_context,
                                  self.learn_vocab, cfg.attr_dropout if self.use_dropout else 0.0,
-                                 cfg.context_length)
+                                 cfg.context_length, clean=ctx.clean_name)
         self.prompt.eval()  # scoring never drops out; the Trainer switches training mode on
         self.scale = logit_scale(ctx.backbone)
         train = ctx.split("train", "closed")

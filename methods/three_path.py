@@ -25,11 +25,13 @@ The model talks to the backbone only through the contract of ``czsl_bench.backbo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from czsl_bench.names import clean_name
 
 PROMPT_INIT = "a photo of"
 CONTEXT_LENGTH = 8
@@ -50,12 +52,6 @@ class ThreePathSpec:
     cmt_layers: int = 0  # > 0 enables Troika's cross-modal traction
     cmt_dropout: float = 0.0
     cmt_init_lambda: float = 0.1
-
-
-def clean_name(name: str) -> str:
-    """Primitive names as the released code feeds them to CLIP: lower-case, '.' -> ' ',
-    '_' -> ' ' (dataset names such as ``Faux.Fur`` or ``ankle_boots``)."""
-    return name.replace(".", " ").replace("_", " ").lower()
 
 
 class Disentangler(nn.Module):
@@ -158,7 +154,8 @@ class ThreePathModel(nn.Module):
     """
 
     def __init__(self, backbone: Any, attrs: Sequence[str], objs: Sequence[str],
-                 spec: ThreePathSpec = ThreePathSpec(), *, add_adapters: bool = True):
+                 spec: ThreePathSpec = ThreePathSpec(), *, add_adapters: bool = True,
+                 clean: Callable[[str], str] = clean_name):
         super().__init__()
         object.__setattr__(self, "backbone", backbone)
         self.spec = spec
@@ -174,7 +171,7 @@ class ThreePathModel(nn.Module):
             init_ids = self._tokenize([PROMPT_INIT])
             init_emb = backbone.token_embedding(init_ids)[0, 1 : 1 + spec.n_ctx].float()
             self.prefix = nn.Parameter(init_emb.unsqueeze(0).repeat(3, 1, 1).clone())  # comp/attr/obj
-            names = [clean_name(n) for n in list(attrs) + list(objs)]
+            names = [clean(n) for n in list(attrs) + list(objs)]
             self.vocabulary = nn.Parameter(self._mean_name_embeddings(names))
             comp_ids = self._tokenize(["a photo of x x"])
             prim_ids = self._tokenize(["a photo of x"])
@@ -278,7 +275,7 @@ def format_millions(n: int) -> str:
 
 __all__ = [
     "ThreePathSpec", "ThreePathModel", "Disentangler", "CrossModalTraction", "BranchFeatures",
-    "clean_name", "format_millions", "PROMPT_INIT", "CONTEXT_LENGTH",
+    "format_millions", "PROMPT_INIT", "CONTEXT_LENGTH",
 ]
 
 
@@ -286,20 +283,7 @@ __all__ = [
 # The method plugin base shared by Troika, ClusPro and the ClusPro base
 # ============================================================================================
 
-from czsl_bench.method import Method, RunContext, TrainConfig, is_embedded  # noqa: E402
-
-REAL_DATASETS = ("mit-states", "ut-zappos", "cgqa")
-
-
-def dataset_key(dataset: str) -> str:
-    """Canonical key for per-dataset defaults: ``mit-states``, ``ut-zappos``, ``cgqa`` or
-    ``synthetic``; anything else (a third-party dataset) takes the UT-Zappos-like defaults."""
-    name = dataset.lower().replace("_", "-")
-    if is_embedded(name):
-        return "synthetic"
-    if name in ("c-gqa", "cgqa"):
-        return "cgqa"
-    return name if name in REAL_DATASETS else "ut-zappos"
+from czsl_bench.method import Method, RunContext, TrainConfig  # noqa: E402
 
 
 class VariantDefault:
@@ -341,10 +325,10 @@ class ThreePathConfig(TrainConfig):
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
 
     @staticmethod
-    def common_defaults(dataset: str) -> dict:
-        """Training recipe of the ClusPro paper with Troika's unstated choices (spec §8.3), and a
-        CPU-sized recipe for the synthetic world."""
-        key = dataset_key(dataset)
+    def common_defaults(recipe: str) -> dict:
+        """Training recipe of the ClusPro paper with Troika's unstated choices (docs/cluspro.md),
+        and a CPU-sized recipe for the embedded world."""
+        key = recipe
         if key == "synthetic":
             # tiny ViT at 64 px on 2 CPU cores: a few epochs, larger LR (the tiny model is far
             # from converged on the world at the paper's 1e-4)
@@ -377,7 +361,8 @@ class ThreePathMethod(Method):
     # -- prepare ---------------------------------------------------------------------------------
     def prepare(self, ctx: RunContext) -> None:
         ds = ctx.dataset
-        self.model = ThreePathModel(ctx.backbone, ds.attrs, ds.objs, self.model_spec()).to(ctx.device)
+        self.model = ThreePathModel(ctx.backbone, ds.attrs, ds.objs, self.model_spec(),
+                                    clean=ctx.clean_name).to(ctx.device)
         self._backbone = ctx.backbone
         attr_index = {a: i for i, a in enumerate(ds.attrs)}
         obj_index = {o: i for i, o in enumerate(ds.objs)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from czsl_bench.methods.three_path import ThreePathConfig, ThreePathMethod, dataset_key
+from czsl_bench.methods.three_path import ThreePathConfig, ThreePathMethod
 
 # released Troika configs (spec-cluspro §4.2); the synthetic row is CPU-sized
 _TROIKA = {
@@ -39,9 +39,9 @@ class TroikaConfig(ThreePathConfig):
             raise ValueError(f"cmt_layers must be >= 0 (0 turns traction off), got {self.cmt_layers}")
 
     @classmethod
-    def defaults(cls, dataset: str) -> TroikaConfig:
-        key = dataset_key(dataset)
-        base = ThreePathConfig.common_defaults(dataset)
+    def defaults(cls, recipe: str) -> TroikaConfig:
+        key = recipe
+        base = ThreePathConfig.common_defaults(recipe)
         if key == "synthetic":
             return cls(**base, cmt_layers=1)
         base.update(weight_decay=1e-5, amp=False, step_size=5, **_TROIKA[key])

@@ -120,5 +120,9 @@ def _summary(outcome) -> str:
                      f"HM {100 * test.get('best_hm', float('nan')):.2f} "
                      f"S {100 * test.get('best_seen', float('nan')):.2f} "
                      f"U {100 * test.get('best_unseen', float('nan')):.2f}")
-    state = "skipped (exists)" if outcome.skipped else f"{outcome.seconds:.1f} s"
+    if outcome.skipped:
+        fps = ", ".join(f"{r.fingerprint[:8]} at {getattr(r, 'source_path', '?')}" for r in outcome.records)
+        state = f"skipped: same fingerprint {fps}"
+    else:
+        state = f"{outcome.seconds:.1f} s"
     return f"{spec.method} {spec.dataset} seed{spec.seed}: {'; '.join(parts)} [{state}]"

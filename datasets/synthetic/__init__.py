@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..plugin import DatasetPlugin
 from .generate import (SIZES, SyntheticConfig, default_cache_dir, ensure_world, generate, image_plan,
                        web_corpus)
 from .splits import PairSplit, natural_split
@@ -61,11 +62,16 @@ def heldout_pairs(config: SyntheticConfig = SyntheticConfig(), world: World = DE
     return sorted(split.val_unseen + split.test_unseen)
 
 
-class SyntheticPlugin:
+class SyntheticPlugin(DatasetPlugin):
     """The ``synthetic`` dataset plugin (entry point ``czsl_bench.datasets: synthetic``)."""
 
     name = "synthetic"
     title = "Synthetic CZSL world (procedurally rendered, embedded)"
+    default_backbone = ("czsl-tiny-vit", "synthetic")  # the tiny CLIP pretrained on the world's web split
+    cpu_sized = True
+    recipe = "synthetic"
+    # never the world's true feasibility, which would leak the answer
+    feasibility = "backbone-token-embeddings"
 
     def config(self, **overrides: Any) -> SyntheticConfig:
         """A :class:`SyntheticConfig` with ``overrides`` (e.g. ``size="small"``, ``image_size=32``)."""
@@ -109,10 +115,9 @@ class SyntheticPlugin:
         return {"name": self.name, "title": self.title, "generator_version": GENERATOR_VERSION,
                 "attrs": len(DEFAULT_WORLD.attrs), "objs": len(DEFAULT_WORLD.objs),
                 "feasible_pairs": len(DEFAULT_WORLD.feasible_pairs), "sizes": dict(SIZES),
-                "default_root": str(self.resolve_root(None, cfg)), "docs": "docs/synthetic-world.md"}
+                "default_root": str(self.resolve_root(None, cfg)), "docs": "docs/synthetic-world.md",
+                **self.declarations()}
 
-    def __repr__(self) -> str:
-        return f"<dataset plugin {self.name!r} ({self.title})>"
 
 
 plugin = SyntheticPlugin()

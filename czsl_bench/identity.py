@@ -1,0 +1,139 @@
+"""Run identity: everything that changes a run's numbers, and its canonical fingerprint.
+
+A record is the same result as another exactly when their identities are equal. The identity
+holds the method and its fully resolved config (every field, defaults included), the backbone
+(architecture, weights tag and the hash of the loaded weights), the dataset (name and content
+version: a hash of its vocabulary, split pairs and split image lists), the setting, the seed,
+the evaluator's protocol version, the open-world feasibility source and the evaluation track
+(``inductive`` for every method here; a test-time-adaptive method would say ``transductive``).
+
+What is *not* in it: the variant (ablation) name, which only labels a configuration (ClusPro's
+``full``, ``mu-0.99`` and ``k-5`` are one configuration), paths, timings and the environment
+(package versions and the machine are recorded beside it; docs/results.md says how far they
+move the numbers).
+
+``fingerprint`` hashes the whole identity; ``group_fingerprint`` leaves out the seed: records
+that share it are seeds of one configuration and the only ones a table may average.
+Pure Python, no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+IDENTITY_VERSION = 1
+TRACKS = ("inductive", "transductive")
+UNKNOWN = None  # a field a migrated (schema v1) record could not know
+
+
+def canonical_json(value: Any) -> str:
+    """Key-sorted, whitespace-free JSON: the bytes a fingerprint hashes (floats as repr)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def short_hash(value: Any, length: int = 16) -> str:
+    """sha256 of :func:`canonical_json` of ``value``, hex, first ``length`` characters."""
+    return hashlib.sha256(canonical_json(value).encode("utf-8")).hexdigest()[:length]
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """Everything that changes the numbers of one run (see the module docstring)."""
+
+    method: str
+    config: dict[str, Any]
+    backbone: dict[str, Any]  # {"arch", "pretrained", "weights_hash"}
+    dataset: dict[str, Any]  # {"name", "version"}
+    setting: str
+    seed: int
+    protocol: str | None
+    feasibility: str | None = None  # open world only
+    track: str = "inductive"
+    world_size: int = 1  # processes that trained it together (data-parallel); 1 = one process
+    version: int = IDENTITY_VERSION
+
+    def __post_init__(self) -> None:
+        if self.track not in TRACKS:
+            raise ValueError(f"track is {self.track!r}; it must be one of {', '.join(TRACKS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunIdentity":
+        if not isinstance(data, dict):
+            raise ValueError(f"identity must be a JSON object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"identity has unknown field(s) {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ValueError(f"identity: {exc}") from None
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the whole identity: equal fingerprints, equal numbers (same machine)."""
+        return short_hash(self.to_dict())
+
+    @property
+    def group_fingerprint(self) -> str:
+        """Hash of the identity without the seed: the records a table may average."""
+        return short_hash(self.without_seed())
+
+    @property
+    def config_fingerprint(self) -> str:
+        """Hash of the method config alone (names a non-default configuration's folder)."""
+        return short_hash(self.config, 8)
+
+    def without_seed(self) -> dict[str, Any]:
+        data = self.to_dict()
+        data.pop("seed")
+        return data
+
+    def unknown_fields(self) -> list[str]:
+        """Dotted names of the fields a migrated record could not know (value None)."""
+        return [name for name, value in flatten(self.to_dict()).items()
+                if value is UNKNOWN and name not in _OPTIONAL]
+
+    def describe_backbone(self) -> str:
+        return backbone_label(self.backbone)
+
+
+# Fields whose None is a real value, not a gap: no feasibility in the closed world, random weights.
+_OPTIONAL = {"feasibility", "backbone.pretrained"}
+
+
+def backbone_label(backbone: dict[str, Any]) -> str:
+    """``arch-tag`` (``arch-random`` for random weights; a path tag is reduced to its file stem)."""
+    arch = str(backbone.get("arch") or "unknown")
+    tag = backbone.get("pretrained")
+    if tag is None:
+        tag = "random"
+    tag = str(tag)
+    if "/" in tag or "\\" in tag:
+        tag = "file-" + tag.replace("\\", "/").rsplit("/", 1)[-1].split(".")[0]
+    return f"{arch}-{tag}"
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (lists stay values)."""
+    out: dict[str, Any] = {}
+    if isinstance(value, dict):
+        for key in sorted(value):
+            out.update(flatten(value[key], f"{prefix}{key}."))
+        return out
+    out[prefix[:-1]] = value
+    return out
+
+
+def differing_fields(identities: list[dict[str, Any]]) -> list[str]:
+    """Dotted field names whose values are not the same in all ``identities``."""
+    flat = [flatten(i) for i in identities]
+    names = sorted(set().union(*flat)) if flat else []
+    return [n for n in names if len({canonical_json(f.get(n)) for f in flat}) > 1]
