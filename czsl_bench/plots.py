@@ -22,10 +22,12 @@ FULL_VARIANT = "full"
 
 def _values(records: Iterable[RunRecord], method: str, dataset: str, variant: str, metric: str,
             setting: str, split: str) -> list[float]:
+    """``records`` are RunRecords (named by their variant label) or ``(point name, record)``
+    pairs from the ablation API (a record may serve several points)."""
     out: dict[int, float] = {}
-    for r in records:
-        name = r.variant if r.variant is not None else FULL_VARIANT
-        if (r.method, r.dataset, r.setting, r.source, name) != (method, dataset, setting, "run", variant):
+    for item in records:
+        name, r = item if isinstance(item, tuple) else (item.variant or FULL_VARIANT, item)
+        if (r.dataset, r.setting, r.source, name) != (dataset, setting, "run", variant):
             continue
         value = r.metrics.get(split, {}).get(metric)
         if value is not None and r.seed is not None:

@@ -487,6 +487,64 @@ def _read(path: Path) -> RunRecord:
     return RunRecord.from_json(text)
 
 
+def migrate_file(path: Path, results_dir: str | Path, dataset_versions: dict[str, str | None] | None = None,
+                 data_root: str | Path | None = None, dry_run: bool = False) -> tuple[Path | None, str]:
+    """Rewrite one schema-1 record as schema 2 under ``results_dir``; (new path or None if it is
+    not schema 1, a note). ``dataset_versions`` (a memo dict) fills the dataset version in from
+    the copy loadable now; None leaves it unknown."""
+    from czsl_bench.identity import RunIdentity
+
+    raw = _peek(Path(path))
+    if raw is None or raw.get("schema_version") != 1 or raw.get("source", "run") != "run":
+        return None, "not a schema 1 run record"
+    record = read_record(path)
+    if "record copied, not re-run" in (record.notes or ""):
+        # schema-1 `ablate` copied a record for every grid point with the same config; schema 2
+        # finds a point's records by config, so the copy is redundant (its original is migrated)
+        if not dry_run:
+            os.unlink(path)
+        return None, "redundant copy removed"
+    note = "dataset version unknown"
+    if dataset_versions is not None:
+        name = record.dataset
+        if name not in dataset_versions:
+            from czsl_bench.api import load_dataset
+
+            try:
+                dataset_versions[name] = load_dataset(name, data_root).version
+            except Exception as exc:  # noqa: BLE001 - the dataset may simply not be here
+                raise RecordError(f"cannot load dataset {name} to fill its version in ({exc})") from None
+        data = record.identity | {"dataset": {"name": name, "version": dataset_versions[name]}}
+        ident = RunIdentity.from_dict(data)
+        record = dataclasses.replace(
+            record, identity=ident.to_dict(), fingerprint=ident.fingerprint,
+            notes=(record.notes or "").replace("unknown: dataset.version",
+                                               "dataset.version filled in at migration from the copy on disk"))
+        note = f"dataset version {dataset_versions[name]}"
+    if record.variant is not None:
+        # schema 1 stored no list of changed fields; an ablation's are what its declaration changes
+        changed = _ablation_overrides(record)
+        record = dataclasses.replace(record, overrides=changed, variant=record.variant if changed else None)
+    new_path = path_for(record, results_dir)
+    if not dry_run:
+        write_record(record, results_dir)
+        if Path(path).resolve() != new_path.resolve():
+            os.unlink(path)
+    return new_path, note
+
+
+def _ablation_overrides(record: RunRecord) -> dict[str, Any]:
+    from czsl_bench.api import dataset_plugin
+    from czsl_bench.config import resolve
+    from czsl_bench.registry import METHODS
+
+    try:
+        resolved = resolve(METHODS.get(record.method), dataset_plugin(record.dataset).recipe, None, record.variant)
+    except Exception as exc:  # noqa: BLE001 - without the plugin the change is unknown
+        raise RecordError(f"cannot resolve ablation {record.variant!r} of {record.method} ({exc})") from None
+    return {k: v for k, v in resolved.changed.items() if not resolved.sources[k].startswith("derived")}
+
+
 def find_existing(results_dir: str | Path, identity: Any, variant: str | None = None,
                   overrides: dict[str, Any] | None = None) -> RunRecord | None:
     """The record of exactly ``identity`` (same fingerprint) at its path, or None:

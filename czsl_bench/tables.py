@@ -11,6 +11,13 @@ Two views share that pipeline and differ only in what a row is:
 * the ablation table (:func:`build_ablation_table`): one row per variant of one method,
   the full method first.
 
+A cell averages only records that are seeds of one configuration: same identity but for the seed
+(``RunRecord.group_fingerprint``). Runs with changed config fields get their own row, labelled by
+what was changed ("CSP (lr=5e-05)"); records that would still share a cell while differing in
+anything else (weights, dataset version, protocol, ...) are split into rows tagged with their
+fingerprint, and the table's ``notes`` name the differing fields. Backbones are never mixed
+either: one table per backbone (:func:`split_by_backbone`) or the backbone in the row label.
+
 Values are shown ×100 with one decimal. The std is the sample std (ddof=1) over seeds and is
 shown only with ≥ 2 seeds; published rows show the std the paper reports, if any. Bold marks
 every cell whose *displayed* mean equals the column's best, so displayed ties are all bold, and is
@@ -21,7 +28,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import pandas as pd
@@ -43,6 +51,8 @@ METHOD_ORDER = ("clip", "clip-zs", "coop", "csp", "plid", "troika", "cluspro")
 DATASET_ORDER = ("mit-states", "ut-zappos", "cgqa", "synthetic")
 FULL_VARIANT = "full"  # the ablation table's name for the method as published (variant None)
 PAPER_SUFFIX = " (paper)"
+REFERENCE_SUFFIX = " (reference)"
+BACKBONE_MODES = ("tables", "column")
 TABLE_FORMATS = ("markdown", "latex", "csv", "html")
 
 
@@ -79,6 +89,7 @@ class ResultTable:
     metrics: tuple[str, ...]
     rows: dict[str, tuple[str, str]]
     title: str = ""
+    notes: list[str] = field(default_factory=list)  # configurations kept apart, and why
 
     @property
     def empty(self) -> bool:
@@ -124,19 +135,103 @@ def records_frame(records: Iterable[RunRecord], split: str = "test",
                 "value": 100.0 * values[metric],
                 "reported_std": math.nan if std is None else 100.0 * std,
                 "reported_n": rec.n_seeds,
+                "group": rec.group_fingerprint or "paper", "changed": changed_label(rec),
+                "backbone": backbone_of(rec),
             })
     columns = ["method", "variant", "dataset", "setting", "seed", "source", "metric", "value",
-               "reported_std", "reported_n"]
+               "reported_std", "reported_n", "group", "changed", "backbone"]
     return pd.DataFrame(rows, columns=columns)
 
 
+def changed_label(rec: RunRecord) -> str:
+    """``"lr=5e-05, template=..."``: the config fields a run changed from its recipe's defaults."""
+    return ", ".join(f"{k}={_short(v)}" for k, v in sorted(rec.overrides.items()))
+
+
+def _short(value: object) -> str:
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def backbone_of(rec: RunRecord) -> str:
+    """``arch-tag`` of the backbone a record ran on ("" for published rows that do not say)."""
+    from czsl_bench.identity import backbone_label
+
+    if rec.source == "paper" and not rec.backbone:
+        return ""
+    return backbone_label(rec.backbone or {})
+
+
+def split_by_backbone(records: Iterable[RunRecord]) -> dict[str, list[RunRecord]]:
+    """Run records per backbone label (published rows join every table)."""
+    runs = [r for r in records if r.source != "paper"]
+    papers = [r for r in records if r.source == "paper"]
+    out: dict[str, list[RunRecord]] = {}
+    for rec in runs:
+        out.setdefault(backbone_of(rec), []).append(rec)
+    return {label: recs + papers for label, recs in sorted(out.items())} or ({"": papers} if papers else {})
+
+
 def _dedupe(records: Iterable[RunRecord]) -> list[RunRecord]:
+    """One record per key (a run's fingerprint). Two files holding the same run: the one at its
+    canonical path wins (else the newer), and the warning names both files."""
     by_key: dict[tuple, RunRecord] = {}
     for rec in records:
-        if rec.key in by_key:
-            warnings.warn(f"two records for {rec.describe()}; using the later one", stacklevel=3)
-        by_key[rec.key] = rec
+        old = by_key.get(rec.key)
+        if old is None:
+            by_key[rec.key] = rec
+            continue
+        keep = _preferred(old, rec)
+        drop = rec if keep is old else old
+        warnings.warn(f"two records of {rec.describe()}: {_where(keep)} and {_where(drop)}; "
+                      f"using {_where(keep)}", stacklevel=3)
+        by_key[rec.key] = keep
     return list(by_key.values())
+
+
+def _where(rec: RunRecord) -> str:
+    return str(getattr(rec, "source_path", None) or "(in memory)")
+
+
+def _preferred(a: RunRecord, b: RunRecord) -> RunRecord:
+    def canonical(rec: RunRecord) -> bool:
+        path = getattr(rec, "source_path", None)
+        return path is not None and Path(path).name == f"seed{rec.seed}.json"
+
+    if canonical(a) != canonical(b):
+        return a if canonical(a) else b
+    return b if (b.created or "") >= (a.created or "") else a
+
+
+def _separate_configurations(long: pd.DataFrame, what: str) -> list[str]:
+    """Give every configuration its own row: where one row label would hold records of several
+    identities (beyond the seed) in one dataset column, tag each with its group fingerprint and
+    return notes naming the differing fields."""
+    from czsl_bench.identity import differing_fields
+
+    notes: list[str] = []
+    runs = long[long["source"] == "run"]
+    for (row, dataset), cell in runs.groupby(["row", "dataset"], sort=False):
+        groups = list(dict.fromkeys(cell["group"]))
+        if len(groups) < 2:
+            continue
+        idents = [long.attrs["identities"][g] for g in groups]
+        fields = differing_fields(idents)
+        for g in groups:
+            tagged = (long["row"] == row) & (long["group"] == g)
+            long.loc[tagged, "row"] = f"{row} [{g[:8]}]"
+        notes.append(f"{row} on {dataset_label(dataset)}: {len(groups)} {what} differ in "
+                     f"{', '.join(fields) or 'their fingerprint'}; shown as separate rows "
+                     f"{', '.join('[' + g[:8] + ']' for g in groups)}, never averaged")
+    return notes
+
+
+def _identities(records: Iterable[RunRecord]) -> dict[str, dict]:
+    out = {}
+    for rec in records:
+        if rec.source == "run" and rec.identity:
+            out[rec.group_fingerprint] = rec.run_identity.without_seed()
+    return out
 
 
 def _aggregate(long: pd.DataFrame, row_col: str) -> pd.DataFrame:
@@ -186,43 +281,64 @@ def build_table(
     methods: Sequence[str] | None = None,
     metrics: Sequence[str] = DEFAULT_METRICS,
     with_reported: bool = False,
+    reference: Iterable[RunRecord] = (),
+    backbone_in_label: bool | None = None,
 ) -> ResultTable:
-    """The main table: one row per method (runs of the published configuration), columns per
-    dataset × metric. With ``with_reported`` a paper row follows each method ("CSP (paper)").
+    """The main table: one row per method configuration (runs of the recipe defaults are the
+    plain "CSP" row; runs with changed fields get "CSP (lr=5e-05)"), columns per dataset × metric.
+    With ``with_reported`` a paper row follows each method ("CSP (paper)"); ``reference`` records
+    (the project's committed runs) follow as "CSP (reference)".
 
-    Ablation variants (``variant`` set) are left out; see :func:`build_ablation_table`.
+    ``backbone_in_label`` appends the backbone to every row label (default: only when the
+    records span several backbones, so they are never averaged together). Ablation runs
+    (``variant`` set) are left out; see :func:`build_ablation_table`.
     """
-    selected = [
-        r for r in _dedupe(records)
-        if r.setting == setting and r.variant is None
-        and (r.source == "run" or (with_reported and r.source == "paper"))
-        and (not datasets or r.dataset in datasets) and (not methods or r.method in methods)
-    ]
-    long = records_frame(selected, split, metrics)
+    def wanted(r: RunRecord) -> bool:
+        return (r.setting == setting and r.variant is None
+                and (not datasets or r.dataset in datasets) and (not methods or r.method in methods))
+
+    runs = [r for r in _dedupe(records) if wanted(r) and (r.source == "run" or (with_reported and r.source == "paper"))]
+    refs = [r for r in _dedupe(reference) if wanted(r) and r.source == "run"]
+    long = records_frame(runs, split, metrics)
+    ref_long = records_frame(refs, split, metrics)
+    ref_long["source"] = "reference"
+    long = pd.concat([long, ref_long], ignore_index=True) if not ref_long.empty else long
     if long.empty:
         return _assemble(long.assign(row=[]), [], [], metrics, setting, split, {}, "")
-    long["row"] = [
-        method_label(m) + (PAPER_SUFFIX if s == "paper" else "") for m, s in zip(long["method"], long["source"])
-    ]
+    long.attrs["identities"] = {**_identities(runs), **_identities(refs)}
+    run_backbones = set(long.loc[long["source"] != "paper", "backbone"])
+    with_backbone = len(run_backbones) > 1 if backbone_in_label is None else backbone_in_label
+    suffix = {"run": "", "paper": PAPER_SUFFIX, "reference": REFERENCE_SUFFIX}
+
+    def label(method: str, changed: str, backbone: str, source: str) -> str:
+        text = method_label(method)
+        if changed:
+            text += f" ({changed})"
+        if with_backbone and backbone and source != "paper":
+            text += f" · {backbone}"
+        return text + suffix[source]
+
+    long["row"] = [label(m, c, b, s) for m, c, b, s in zip(long["method"], long["changed"], long["backbone"], long["source"])]
+    notes = _separate_configurations(long, "configurations")
+    # run rows of one method first (plain, then changed configs), then its reference and paper rows
     method_order = _ordered(long["method"], METHOD_ORDER, methods)
+    source_rank = {"run": 0, "reference": 1, "paper": 2}
+    order = (long.assign(_m=long["method"].map({m: i for i, m in enumerate(method_order)}),
+                         _s=long["source"].map(source_rank), _c=long["changed"] != "")
+             .sort_values(["_m", "_c", "_s", "backbone", "row"], kind="stable"))
     rows: dict[str, tuple[str, str]] = {}
-    for method in method_order:
-        for source in ("run", "paper"):
-            if ((long["method"] == method) & (long["source"] == source)).any():
-                label = method_label(method) + (PAPER_SUFFIX if source == "paper" else "")
-                if label in rows and rows[label] != (source, method):
-                    # Two method names share a display label: fall back to the raw names.
-                    label = method + (PAPER_SUFFIX if source == "paper" else "")
-                    long.loc[(long["method"] == method) & (long["source"] == source), "row"] = label
-                rows[label] = (source, method)
+    for row, method, source in zip(order["row"], order["method"], order["source"]):
+        rows.setdefault(row, ("run" if source == "reference" else source, method))
     dataset_order = _ordered(long["dataset"], DATASET_ORDER, datasets)
     agg = _aggregate(long, "row")
     title = f"{setting} world, {split} split"
-    return _assemble(agg, list(rows), dataset_order, metrics, setting, split, rows, title)
+    table = _assemble(agg, list(rows), dataset_order, metrics, setting, split, rows, title)
+    table.notes = notes
+    return table
 
 
 def build_ablation_table(
-    records: Iterable[RunRecord],
+    records: Iterable[RunRecord | tuple[str, RunRecord]],
     method: str,
     setting: str = "closed",
     *,
@@ -231,31 +347,43 @@ def build_ablation_table(
     metrics: Sequence[str] = DEFAULT_METRICS,
     variant_order: Sequence[str] | None = None,
     with_reported: bool = False,
+    papers: Iterable[RunRecord] = (),
 ) -> ResultTable:
     """The ablation view: one row per variant of ``method`` (the full method first, named
     ``"full"``), columns per dataset × metric, mean ± std over seeds.
 
-    ``variant_order`` (e.g. the keys of ``Method.ablations()``) fixes the row order; otherwise
-    variants sort by name. With ``with_reported`` the paper's row of a variant (published
-    ablation records, and the main published row for ``full``) follows it ("k-1 (paper)").
+    ``records`` are ``(point name, record)`` pairs from :mod:`czsl_bench.ablation` (which finds
+    each grid point's records by config, so one record may serve several points), or plain
+    records named by their variant label. ``variant_order`` fixes the row order. With
+    ``with_reported`` the paper's row of a variant (published ablation records in ``papers`` or
+    ``records``, and the main published row for ``full``) follows it ("k-1 (paper)").
     """
-    selected = [
-        r for r in _dedupe(records)
-        if r.method == method and r.setting == setting
-        and (r.source == "run" or (with_reported and r.source == "paper"))
-        and (not datasets or r.dataset in datasets)
-    ]
-    long = records_frame(selected, split, metrics)
+    labelled: list[tuple[str, RunRecord]] = []
+    for item in records:
+        name, rec = item if isinstance(item, tuple) else (item.variant or FULL_VARIANT, item)
+        labelled.append((name, rec))
+    labelled += [(r.variant or FULL_VARIANT, r) for r in papers]
+    seen: set[tuple] = set()
+    selected: list[tuple[str, RunRecord]] = []
+    for name, rec in labelled:
+        if (rec.setting != setting or (datasets and rec.dataset not in datasets)
+                or (rec.source == "paper" and (not with_reported or rec.method != method))):
+            continue
+        if (name, rec.key) in seen:
+            continue
+        seen.add((name, rec.key))
+        selected.append((name, rec))
+    frames = []
+    for name, rec in selected:
+        frame = records_frame([rec], split, metrics)
+        frame["variant_name"] = name
+        frames.append(frame)
+    long = pd.concat(frames, ignore_index=True) if frames else records_frame([], split, metrics)
     if long.empty:
         return _assemble(long.assign(row=[]), [], [], metrics, setting, split, {}, "", row_title="Variant")
-    long["variant_name"] = [v if isinstance(v, str) else FULL_VARIANT for v in long["variant"]]
+    long.attrs["identities"] = _identities([rec for _, rec in selected])
     long["row"] = [v + (PAPER_SUFFIX if src == "paper" else "") for v, src in zip(long["variant_name"], long["source"])]
-    # A method may declare the published configuration as an ablation named "full" too; runs of it
-    # and plain runs share the row, and a seed present in both counts once (the explicit variant's).
-    long["_explicit"] = long["variant"].map(lambda v: isinstance(v, str))
-    long = (long.sort_values("_explicit", kind="stable")
-                .drop_duplicates(["row", "dataset", "seed", "metric"], keep="last")
-                .drop(columns="_explicit"))
+    notes = _separate_configurations(long, "configurations")
     present = list(dict.fromkeys(long["variant_name"]))
     variants = [FULL_VARIANT] if FULL_VARIANT in present else []
     rest = [v for v in present if v != FULL_VARIANT]
@@ -267,13 +395,16 @@ def build_ablation_table(
     variants += rest
     rows: dict[str, tuple[str, str]] = {}
     for variant in variants:
-        for source, label in (("run", variant), ("paper", variant + PAPER_SUFFIX)):
-            if ((long["variant_name"] == variant) & (long["source"] == source)).any():
-                rows[label] = ("variant" if source == "run" else "paper", variant)
+        for row in dict.fromkeys(long.loc[(long["variant_name"] == variant) & (long["source"] == "run"), "row"]):
+            rows[row] = ("variant", variant)
+        if ((long["variant_name"] == variant) & (long["source"] == "paper")).any():
+            rows[variant + PAPER_SUFFIX] = ("paper", variant)
     dataset_order = _ordered(long["dataset"], DATASET_ORDER, datasets)
     agg = _aggregate(long, "row")
     title = f"{method_label(method)} ablations, {setting} world, {split} split"
-    return _assemble(agg, list(rows), dataset_order, metrics, setting, split, rows, title, row_title="Variant")
+    table = _assemble(agg, list(rows), dataset_order, metrics, setting, split, rows, title, row_title="Variant")
+    table.notes = notes
+    return table
 
 
 # -- rendering --------------------------------------------------------------------------------------
@@ -323,8 +454,9 @@ def to_markdown(table: ResultTable, decimals: int = 1) -> str:
             f"**{cells.loc[row, col]}**" if best.loc[row, col] else cells.loc[row, col]
             for col in cells.columns
         ])
-    return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True,
+    text = tabulate(body, headers=headers, tablefmt="github", disable_numparse=True,
                     colalign=("left",) + ("right",) * len(cells.columns)) + "\n"
+    return text + "".join(f"\nNote: {note}\n" for note in table.notes)
 
 
 def _latex_escape(text: str) -> str:
@@ -353,7 +485,7 @@ def to_latex(table: ResultTable, decimals: int = 1) -> str:
     )
     n_cols = len(cells.columns)
     latex = styler.to_latex(hrules=True, column_format="l" + "c" * n_cols, multicol_align="c")
-    return _add_cmidrules(latex, cells.columns)
+    return _add_cmidrules(latex, cells.columns) + "".join(f"% Note: {note}\n" for note in table.notes)
 
 
 def _add_cmidrules(latex: str, columns: pd.MultiIndex) -> str:
