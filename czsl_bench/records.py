@@ -456,7 +456,9 @@ def write_record(record: RunRecord, results_dir: str | Path) -> Path:
             keep = path.with_name(f"{path.stem}.{str(old_fp)[:8]}.json")
             os.replace(path, keep)
             warnings.warn(f"{path} held another run (fingerprint {old_fp}); kept it as {keep.name}", stacklevel=2)
-    return atomic_write_text(path, record.to_json())
+    atomic_write_text(path, record.to_json())
+    object.__setattr__(record, "source_path", path)
+    return path
 
 
 def _peek(path: Path) -> dict[str, Any] | None:

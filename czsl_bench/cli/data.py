@@ -11,9 +11,12 @@ IMAGE_MODES = ("none", "exists", "header", "decode")
 
 
 def _plugin(name: str):
-    from czsl_bench.registry import DATASETS
+    from czsl_bench.api import dataset_plugin
 
-    return DATASETS.get(name)  # unknown names raise a one-line RegistryError (LookupError)
+    try:
+        return dataset_plugin(name)  # unknown names raise a one-line RegistryError (LookupError)
+    except TypeError as exc:  # a plugin that breaks the contract
+        raise click.ClickException(str(exc)) from None
 
 
 def _require(plugin, op: str, name: str) -> None:

@@ -42,10 +42,12 @@ def count_parameters(method_cls: Any, config: Any, dataset: str, arch: str,
         data = _shipped_vocabulary(dataset)
         if data is None:
             raise
+    from czsl_bench.api import dataset_plugin
+
     backbone = load_backbone(arch, None, device="cpu")
     method = method_cls(config)
     ctx = RunContext(dataset_name=dataset, dataset=data, backbone=backbone, config=config, seed=0,
-                     device=torch.device("cpu"))
+                     device=torch.device("cpu"), name_policy=dataset_plugin(dataset).name_policy)
     with torch.no_grad():
         method.prepare(ctx)
     return parameter_counts(method, backbone)
@@ -74,7 +76,7 @@ def method_info(method: str, dataset: str, backbone: str | None = None, pretrain
     """Everything ``info`` prints except the parameter counts (cheap: no torch unless the plugin
     imports it)."""
     from czsl_bench.api import default_backbone, resolve_method_config
-    from czsl_bench.config import config_to_dict
+    from czsl_bench.config import config_to_dict, field_aliases
     from czsl_bench.method import check_method_class
     from czsl_bench.registry import DATASETS, METHODS
 
@@ -85,7 +87,8 @@ def method_info(method: str, dataset: str, backbone: str | None = None, pretrain
         raise click.ClickException(str(exc)) from None
     if dataset not in DATASETS.names():
         DATASETS.get(dataset)  # unknown name → one line listing the known ones
-    config = resolve_method_config(method_cls, dataset, list(overrides), ablation, config_file)
+    resolved = resolve_method_config(method_cls, dataset, list(overrides), ablation, config_file)
+    config = resolved.config
     arch, tag = default_backbone(dataset, backbone, pretrained)
     return {
         "method": method,
@@ -95,6 +98,8 @@ def method_info(method: str, dataset: str, backbone: str | None = None, pretrain
         "backbone": {"arch": arch, "pretrained": tag},
         "config_class": method_cls.Config.__qualname__,
         "config": config_to_dict(config),
+        "config_sources": resolved.sources,
+        "config_aliases": field_aliases(method_cls.Config),
         "ablations": sorted(method_cls.ablations()),
         "_objects": (method_cls, config),
     }
@@ -114,10 +119,13 @@ def method_info(method: str, dataset: str, backbone: str | None = None, pretrain
 @click.option("--data-root", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Root of the real datasets (needed to count parameters on them).")
 @click.option("--no-params", is_flag=True, help="Only resolve the config; do not build the model.")
+@click.option("--config-sources", "--sources", "show_sources", is_flag=True,
+              help="Print where each config value came from (class default, the dataset's recipe, the "
+                   "config file, the ablation, --set); implies --no-params.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")
 def info(method: str, dataset: str, arch: str | None, pretrained: str | None, overrides: tuple[str, ...],
          config_file: Path | None, ablation: str | None, data_root: Path | None, no_params: bool,
-         as_json: bool) -> None:
+         show_sources: bool, as_json: bool) -> None:
     """Print METHOD's fully resolved config on a dataset and its trainable / total parameters.
 
     The config is resolved as a run resolves it: method defaults for the dataset < --config file <
@@ -125,6 +133,7 @@ def info(method: str, dataset: str, arch: str | None, pretrained: str | None, ov
     """
     details = method_info(method, dataset, arch, pretrained, overrides, config_file, ablation)
     method_cls, config = details.pop("_objects")
+    no_params = no_params or show_sources
     params: dict[str, int] | None = None
     error: str | None = None
     if not no_params:
@@ -140,14 +149,14 @@ def info(method: str, dataset: str, arch: str | None, pretrained: str | None, ov
             details["params_error"] = error
         click.echo(json.dumps(details, indent=2))
     else:
-        _print_human(details, no_params)
+        _print_human(details, no_params, show_sources)
     if error:
         raise click.ClickException(
             f"cannot count parameters of {method} on {dataset}: {error}; --no-params shows only the config"
         )
 
 
-def _print_human(details: dict[str, Any], no_params: bool) -> None:
+def _print_human(details: dict[str, Any], no_params: bool, show_sources: bool = False) -> None:
     bb = details["backbone"]
     click.echo(f"method      {details['method']}  ({details['class']})")
     click.echo(f"dataset     {details['dataset']}")
@@ -159,8 +168,15 @@ def _print_human(details: dict[str, Any], no_params: bool) -> None:
     click.echo(f"config      {details['config_class']} (override any key with --set KEY=VALUE)")
     items = _flatten(details["config"])
     width = max((len(k) for k, _ in items), default=0)
+    aliases = {field: alias for alias, field in details["config_aliases"].items()}
+    vwidth = max((len(json.dumps(v)) for _, v in items), default=0)
     for key, value in items:
-        click.echo(f"  {key:<{width}} = {json.dumps(value)}")
+        line = f"  {key:<{width}} = {json.dumps(value)}"
+        if show_sources:
+            line = f"{line:<{width + vwidth + 6}}  <- {details['config_sources'].get(key, '?')}"
+        if key in aliases:
+            line += f"  (alias {aliases[key]})"
+        click.echo(line)
     params = details["params"]
     if params is not None:
         click.echo(f"parameters  {params['trainable']:,} trainable / {params['total']:,} total"

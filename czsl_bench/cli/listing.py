@@ -34,10 +34,17 @@ def backbone_rows(show_all: bool = False) -> list[dict[str, str]]:
     """(arch, pretrained tag) pairs from open_clip plus the embedded backbone."""
     import open_clip
 
-    from czsl_bench.api import EMBEDDED_BACKBONES
+    from czsl_bench.api import dataset_plugin
+    from czsl_bench.registry import DATASETS
 
-    rows = [{"name": arch, "pretrained": tag, "note": f"embedded, default for dataset {dataset!r}"}
-            for dataset, (arch, tag) in EMBEDDED_BACKBONES.items()]
+    rows = []
+    for dataset in DATASETS.names():
+        try:
+            arch, tag = dataset_plugin(dataset).default_backbone
+        except Exception:  # noqa: BLE001 - a broken plugin shows in `list datasets`
+            continue
+        if arch not in open_clip.list_models():
+            rows.append({"name": arch, "pretrained": tag or "none", "note": f"embedded, default for dataset {dataset!r}"})
     for arch, tag in open_clip.list_pretrained():
         if show_all or arch in RELEVANT_ARCHS:
             note = "weights used by the published rows" if (arch, tag) == ("ViT-L-14-quickgelu", "openai") else ""
