@@ -1,7 +1,7 @@
 """One CLIP backbone for every method: open_clip loading, adapters, soft-prompt text encoder.
 
 Everything here wraps open_clip's own modules (no fork of its code). The visual block loop is
-re-run here so that parallel bottleneck adapters (spec-cluspro §1.2) can read each block's
+re-run here so that parallel bottleneck adapters (docs/cluspro.md) can read each block's
 un-normalised input; with the adapters at their zero initialisation the loop computes exactly
 the operations of open_clip's ``ResidualAttentionBlock.forward`` in the same order, so the
 features are bit-identical to the plain model (tested).
@@ -306,7 +306,7 @@ def _download_tag(arch: str, tag: str, pcfg: dict, cache_dir: str | None) -> str
 
 
 class BottleneckAdapter(nn.Module):
-    """AdaptFormer-style parallel adapter (spec-cluspro §1.2).
+    """AdaptFormer-style parallel adapter (docs/cluspro.md).
 
     ``Linear(width -> bottleneck) -> ReLU -> Dropout -> Linear(bottleneck -> width)``, output
     multiplied by a fixed ``scale``. The up-projection weight and both biases start at zero, so
@@ -490,7 +490,7 @@ class Backbone(nn.Module):
     def add_adapters(self, bottleneck: int = 64, dropout: float = 0.1, scale: float = 0.1) -> list[nn.Parameter]:
         """Add two parallel bottleneck adapters (attention, MLP) to every visual transformer block.
 
-        Defaults are ClusPro/Troika's (spec-cluspro §1.2): bottleneck 64, dropout 0.1, scale 0.1;
+        Defaults are ClusPro/Troika's (docs/cluspro.md): bottleneck 64, dropout 0.1, scale 0.1;
         48 adapters and 6,343,680 parameters on ViT-L/14. Returns the new (trainable) parameters.
         """
         from open_clip.transformer import ResidualAttentionBlock
@@ -548,7 +548,7 @@ class Backbone(nn.Module):
         """``(cls [B, D], patches [B, L, D])``: ``ln_post`` and ``proj`` applied to every token.
 
         This is the joint-space patch representation ClusPro/Troika and LaZSL use
-        (spec-cluspro §1.2).
+        (docs/cluspro.md).
         """
         visual = self.visual
         if getattr(visual, "attn_pool", None) is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
@@ -585,7 +585,7 @@ class Backbone(nn.Module):
         """Token ids ``[P, context_length]`` on the backbone's device.
 
         A prompt longer than the context is truncated and its last token set to EOT, so it keeps
-        ``SOT ... EOT`` (spec-cluspro §8.6).
+        ``SOT ... EOT`` (docs/cluspro.md).
         """
         cl = self.context_length if context_length is None else int(context_length)
         if not 2 <= cl <= self.context_length:

@@ -188,7 +188,7 @@ class Trainer:
                                         amp_dtype, epoch, params)
                 nonfinite += log.skipped_nonfinite
                 if scheduler is not None:
-                    # the released ClusPro code steps its scheduler twice per epoch (spec-cluspro §3.6.5)
+                    # the released ClusPro code steps its scheduler twice per epoch (docs/cluspro.md)
                     for _ in range(getattr(cfg, "scheduler_steps_per_epoch", 1)):
                         scheduler.step()
                 if select != "last" and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):

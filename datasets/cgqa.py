@@ -1,6 +1,6 @@
 """C-GQA, updated release (Naeem et al., CGE, CVPR 2021; ``cgqa-updated.zip``, Nov 2021).
 
-Layout after ``czsl-bench data prepare cgqa`` (spec-datasets §1, §5, §7)::
+Layout after ``czsl-bench data prepare cgqa`` (docs/datasets.md)::
 
     <root>/images/<file>.jpg                  flat, e.g. "<n>-<m>-<attr>-<obj>.jpg"
     <root>/compositional-split-natural/{train,val,test}_pairs.txt

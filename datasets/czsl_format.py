@@ -1,20 +1,20 @@
 """The standard ``compositional-split-natural`` loader shared by every dataset.
 
-On-disk layout (spec-datasets §1), relative to a dataset root::
+On-disk layout (docs/datasets.md), relative to a dataset root::
 
     compositional-split-natural/{train,val,test}_pairs.txt   one "<attr> <obj>" per line
     metadata_compositional-split-natural.t7                   torch-saved list of plain dicts
     images/<record['image']>                                  the image files
     descriptions.json                                         optional: {"attr obj": [text, ...]}
 
-Rules reproduced from the reference loaders (czsl / CSP / PLID / Troika, spec-datasets §2-§3):
+Rules reproduced from the reference loaders (czsl / CSP / PLID / Troika, docs/datasets.md-§3):
 
 * ``attrs`` / ``objs`` are the sorted unions of the names in the three pair files (not the metadata);
 * closed-world pairs = sorted union of the three files; open-world pairs = attrs x objs, attr-major;
 * an image belongs to the split named by its metadata ``set`` field (never to the split whose pair
   file happens to contain its pair); records with ``attr == 'NA'``, ``set == 'NA'`` or a pair in no
   pair file are skipped; any ``set`` other than train/val goes to test.
-* seen mask = pair in train_pairs; candidate mask (spec-evaluator §1) = train pairs plus the
+* seen mask = pair in train_pairs; candidate mask (docs/evaluation.md) = train pairs plus the
   split's own pairs in the closed world, all pairs in the open world.
 
 Nothing here is specific to one dataset: the real-dataset plugins and the embedded synthetic world
@@ -187,7 +187,7 @@ def load_metadata(path: str | os.PathLike, fix: str = "", cache: bool = True) ->
     """Load ``metadata_compositional-split-natural.t7`` safely and validate its structure.
 
     The file must be a list of plain dicts with string values for ``image``, ``attr``, ``obj`` and
-    ``set`` (spec-datasets §3). It is read with ``torch.load(weights_only=True)``, which refuses to
+    ``set`` (docs/datasets.md). It is read with ``torch.load(weights_only=True)``, which refuses to
     build arbitrary Python objects; anything else becomes a one-line :class:`DatasetError`.
 
     ``torch.load`` of the MIT-States file takes about 0.9 s (its safe unpickler is pure Python), so
@@ -305,7 +305,7 @@ def _short(obj: Any, limit: int = 120) -> str:
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Assignment:
-    """Metadata records sorted into splits by the reference-loader rule (spec-datasets §3)."""
+    """Metadata records sorted into splits by the reference-loader rule (docs/datasets.md)."""
 
     images: dict[str, list[tuple[str, str, str]]]  # split -> [(image, attr, obj)] in metadata order
     skipped_na: int  # attr == 'NA' or set == 'NA'
@@ -564,7 +564,7 @@ class CZSLDataset:
                                                                 len(self.all_images())), fix))
 
     def stats(self) -> dict[str, int]:
-        """The counts that spec-datasets §4 publishes, recomputed from the files."""
+        """The counts that docs/datasets.md publishes, recomputed from the files."""
         train, val, test = (set(p) for p in (self.train_pairs, self.val_pairs, self.test_pairs))
         return {
             "attrs": len(self.attrs), "objs": len(self.objs),

@@ -1,6 +1,6 @@
 """MIT-States (Isola et al., CVPR 2015) with the TMN ``compositional-split-natural`` split.
 
-Layout after ``czsl-bench data prepare mit-states`` (spec-datasets §1, §5)::
+Layout after ``czsl-bench data prepare mit-states`` (docs/datasets.md)::
 
     <root>/images/<attr>_<obj>/<file>.jpg      release_dataset/images/* with folder names s/ /_/g
     <root>/compositional-split-natural/{train,val,test}_pairs.txt

@@ -254,7 +254,7 @@ class StandardDataset(DatasetPlugin):
 
 def pair_stats(attrs: int, objs: int, train: int, val_seen: int, val_unseen: int, test_seen: int,
                test_unseen: int, images: tuple[int, int, int], image_provenance: str = "verified") -> dict[str, Stat]:
-    """The spec-datasets §4 table for one dataset; derived counts are computed, not retyped."""
+    """The docs/datasets.md table for one dataset; derived counts are computed, not retyped."""
     stats = {
         "attrs": Stat(attrs), "objs": Stat(objs), "train_pairs": Stat(train),
         "val_seen_pairs": Stat(val_seen), "val_unseen_pairs": Stat(val_unseen),

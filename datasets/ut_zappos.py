@@ -1,6 +1,6 @@
 """UT-Zappos50K (Yu & Grauman, CVPR 2014 / ICCV 2017) with the TMN ``compositional-split-natural`` split.
 
-Layout after ``czsl-bench data prepare ut-zappos`` (spec-datasets §1, §5)::
+Layout after ``czsl-bench data prepare ut-zappos`` (docs/datasets.md)::
 
     <root>/_images/<Category>/<Subcategory>/<Brand>/<file>.jpg   the original UT-Zap50K tree
     <root>/images/<attr>_<obj>/<file>.jpg                        made from the metadata's `_image` -> `image`

@@ -1,4 +1,4 @@
-"""CLIP zero-shot (spec-baselines §1): score every pair with the prompt "a photo of {attr} {obj}".
+"""CLIP zero-shot (docs/methods.md): score every pair with the prompt "a photo of {attr} {obj}".
 
 No training, no parameters of its own. Names are cleaned as in the CSP codebase (``.`` → space,
 lower case); text and image features are L2-normalised and scores are

@@ -1,4 +1,4 @@
-"""CoOp as implemented in the CSP codebase (spec-baselines §2).
+"""CoOp as implemented in the CSP codebase (docs/methods.md).
 
 Prompt ``"a photo of [attr] [obj]"``: the three context vectors after start-of-text are
 learned (initialised from the embeddings of "a photo of", 3 × d parameters); the attribute and

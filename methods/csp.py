@@ -1,4 +1,4 @@
-"""CSP, Compositional Soft Prompting (Nayak, Yu & Bach, ICLR 2023; spec-baselines §3).
+"""CSP, Compositional Soft Prompting (Nayak, Yu & Bach, ICLR 2023; docs/methods.md).
 
 The prompt ``"a photo of [attr] [obj]"`` keeps CLIP's frozen "a photo of" and learns one vector
 per attribute and per object (the vocabulary, (|A|+|O|) × d, initialised with the mean token

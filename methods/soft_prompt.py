@@ -2,7 +2,7 @@
 
 Not a method itself (no entry point): ``clip.py``, ``coop.py`` and ``csp.py`` import it.
 
-Prompt construction follows the CSP codebase (spec-baselines §1–3):
+Prompt construction follows the CSP codebase (docs/methods.md):
 
 * class names are cleaned by replacing ``.`` with a space and lower-casing;
 * the soft prompt is the token sequence of ``"a photo of x x"``; the two ``x`` positions (the
@@ -81,7 +81,7 @@ class SoftPrompt(nn.Module):
             eot = int(eot_positions(backbone, ids)[0])
             if context_length is not None and eot < context_length < ids.shape[1]:
                 # The text transformer is causal and read at EOT: dropping the padding after EOT
-                # changes nothing but the cost (spec-baselines, context_length 8 in training).
+                # changes nothing but the cost (docs/methods.md, context_length 8 in training).
                 ids = ids[:, :context_length]
             template = backbone.token_embedding(ids).float()
         self.register_buffer("template", template, persistent=False)
@@ -118,7 +118,7 @@ class SoftPrompt(nn.Module):
 
 @dataclass
 class SoftPromptConfig(TrainConfig):
-    """CSP-codebase training settings (spec-baselines §3) plus the prompt's own."""
+    """CSP-codebase training settings (docs/methods.md) plus the prompt's own."""
 
     attr_dropout: float = 0.0
     context_length: int = 8  # training prompts are cut here (no effect on the features)
@@ -126,7 +126,7 @@ class SoftPromptConfig(TrainConfig):
     score_block: int = 50_000  # open worlds with more pairs are scored as column blocks
 
 
-# spec-baselines §3: epochs 20, batch 64 x accumulation 2 (effective 128), weight decay 1e-5,
+# docs/methods.md: epochs 20, batch 64 x accumulation 2 (effective 128), weight decay 1e-5,
 # context length 8 in training.
 _COMMON = dict(epochs=20, batch_size=64, grad_accum=2, weight_decay=1e-5, context_length=8,
                optimizer="adam", scheduler="none")

@@ -1,6 +1,6 @@
 """The Troika-style three-path model shared by Troika, ClusPro and the ClusPro base.
 
-Three recognition branches over one adapted CLIP (spec-cluspro §1.2-§1.3, §6):
+Three recognition branches over one adapted CLIP (docs/cluspro.md-§1.3, §6):
 
 * **composition**: image feature ``f`` (adapted CLS token) against prompts
   ``[SOT] <prefix_c> <attr> <obj> [EOT]``;
@@ -303,7 +303,7 @@ class VInt(int, VariantDefault):
 
 @dataclass
 class ThreePathConfig(TrainConfig):
-    """Settings shared by the three-path methods (spec-cluspro §1.2, §4.2, §8.3)."""
+    """Settings shared by the three-path methods (docs/cluspro.md)."""
 
     vocab_dropout: float = 0.3
     disentangler_dropout: float = 0.5

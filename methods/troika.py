@@ -1,4 +1,4 @@
-"""Troika (Huang et al., CVPR 2024): multi-path CZSL with cross-modal traction (spec-cluspro §6).
+"""Troika (Huang et al., CVPR 2024): multi-path CZSL with cross-modal traction (docs/cluspro.md).
 
 The three-path model of ``three_path.py`` with one Linear-BN-ReLU-Dropout(0.5) disentangler per
 primitive branch and Cross-Modal Traction: each branch's text features attend to the image's
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from czsl_bench.methods.three_path import ThreePathConfig, ThreePathMethod
 
-# released Troika configs (spec-cluspro §4.2); the synthetic row is CPU-sized
+# released Troika configs (docs/cluspro.md); the synthetic row is CPU-sized
 _TROIKA = {
     "mit-states": dict(epochs=10, batch_size=64, lr=1e-4, vocab_dropout=0.3, w_attr=1.0, w_obj=1.0,
                        cmt_layers=3, cmt_dropout=0.1),

@@ -1,6 +1,6 @@
 """Generate the synthetic CZSL world on disk in the standard format, and the web corpus.
 
-Layout written (spec-datasets §1-3, the same the MIT-States loader reads)::
+Layout written (docs/datasets.md, the same the MIT-States loader reads)::
 
     <root>/images/<attr>_<obj>/<set>_<index>.png
     <root>/compositional-split-natural/{train,val,test}_pairs.txt
