@@ -5,7 +5,8 @@ fail-fast mode and raises the first error's line, so a broken dataset fails with
 message that ``data check`` prints.
 
 Errors (the copy is not usable; exit 1): missing files, malformed pair-file lines, a metadata file
-that is truncated or not plain data, missing or unreadable images, counts that differ from the
+that is truncated or not plain data, paths that leave the dataset root (absolute, ``..``, symlinks
+out), missing or unreadable images, counts that differ from the
 published statistics (``--no-strict`` turns these into warnings). Warnings: split files that differ
 byte-wise from the canonical ones, metadata records whose pair is in no split file (the standard
 loaders drop them silently), duplicate pair lines.
@@ -26,15 +27,19 @@ from .czsl_format import (
     CZSLDataset,
     DatasetError,
     ImageDecodeError,
+    PathEscapeError,
+    RootGuard,
     assign_records,
     decode_image,
-    find_missing_images,
+    escape_fix,
+    escaping_images_message,
     load_descriptions,
     load_metadata,
     missing_images_message,
     pair_file,
     parse_pair_file,
     resolve_image_path,
+    scan_images,
 )
 
 if TYPE_CHECKING:
@@ -217,6 +222,8 @@ def _inspect(plugin: StandardDataset, root: Path, images: str, strict: bool, rep
     records = None
     try:
         records = load_metadata(root / METADATA_FILE)
+    except PathEscapeError as exc:
+        add("error", f"{name}: {exc}")  # its own fix; downloading again would not help
     except DatasetError as exc:
         add("error", f"{name}: {exc}", fix)
 
@@ -289,20 +296,30 @@ def _inspect(plugin: StandardDataset, root: Path, images: str, strict: bool, rep
         if not image_root.is_dir():
             add("error", f"{name}: image folder {image_root} does not exist", fix)
             return dataset
-        missing = find_missing_images(image_root, all_images)
+        guard = RootGuard(root)
+        scan = scan_images(image_root, all_images, guard)
+        missing = scan.missing
         report.images_checked = len(all_images)
+        if scan.escaping:
+            add("error", escaping_images_message(name, root, scan.escaping, len(all_images)),
+                escape_fix(scan.escaping[0][1]), [f"{rel}: {reason}" for rel, reason in scan.escaping[:SHOW]])
         if missing:
             add("error", missing_images_message(name, image_root, missing, len(all_images)), fix,
                 missing[:SHOW])
         if images in ("header", "decode"):
-            missing_set = set(missing)
+            skip = set(missing) | {rel for rel, _ in scan.escaping}
             unreadable = []
             for k, rel in enumerate(all_images):
                 if progress is not None and k % 1000 == 0:
                     progress(k, len(all_images))
-                if rel in missing_set:
+                if rel in skip:
                     continue
-                problem = _image_problem(resolve_image_path(image_root, rel), full=images == "decode")
+                try:
+                    path = resolve_image_path(image_root, rel, guard)
+                except PathEscapeError as exc:  # replaced by a symlink since the listing
+                    add("error", f"{name}: {exc}")
+                    continue
+                problem = _image_problem(path, full=images == "decode")
                 if problem:
                     unreadable.append(f"{rel}: {problem}")
             if unreadable:

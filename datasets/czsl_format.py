@@ -24,6 +24,7 @@ plugin modules import it lazily so that listing plugins stays cheap.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -90,6 +91,97 @@ class LineProblem:
 
     def __str__(self) -> str:
         return f"{self.path}:{self.lineno}: {self.reason} (line {self.line!r})"
+
+
+class PathEscapeError(DatasetError):
+    """A path named by a data file leaves the dataset root (absolute, ``..``, or a symlink out)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Paths named by data files: resolved, and refused when they leave the dataset root
+# --------------------------------------------------------------------------------------------
+# Metadata keys whose values are paths (relative to images/, resp. _images/ for UT-Zappos).
+PATH_KEYS = ("image", "_image")
+# Top-level folders that may themselves be symlinks (images kept on another disk); everything
+# below them, and every other path, must resolve inside the root.
+LINKABLE_DIRS = (IMAGE_DIR, "_images")
+ESCAPE_FIX = ("a data file may only name files inside the dataset root: replace it with the official "
+              "file (`czsl-bench data prepare` installs it)")
+SYMLINK_FIX = ("replace the symlink by the file itself (a link of the whole images/ folder to another "
+               "disk is fine)")
+
+
+def lexical_escape(rel: str) -> str | None:
+    """Why the relative path ``rel`` would leave its folder without touching the disk, or None."""
+    if not rel:
+        return "an empty path"
+    if "\x00" in rel:
+        return "a NUL byte"
+    # pathlib drops everything before an absolute component: root / "/etc/passwd" is /etc/passwd
+    if rel[0] in "/\\" or (rel[1:2] == ":" and rel[0].isalpha()):
+        return "an absolute path"
+    if ".." in rel and ".." in rel.replace("\\", "/").split("/"):
+        return "a '..' component"
+    return None
+
+
+def escape_message(what: str, rel: str, root: Path, reason: str, fix: str = "") -> str:
+    """The one line for a path that leaves the root: which record, which path, why, how to fix."""
+    return f"{what} names {rel!r}, which leaves the dataset root {root} ({reason}); {fix or ESCAPE_FIX}"
+
+
+def escape_fix(reason: str) -> str:
+    """How to fix a path that leaves the root, by why it does."""
+    return SYMLINK_FIX if reason.endswith("through a symlink") else ESCAPE_FIX
+
+
+class RootGuard:
+    """Resolves paths that come from data files and refuses those that leave ``root``.
+
+    A path escapes when it is absolute, has a ``..`` component, or resolves (symlinks followed)
+    outside the root. The real locations of :data:`LINKABLE_DIRS` count as inside, so a dataset
+    whose ``images/`` folder is a link to another disk stays usable. The lexical test costs no
+    system call; :meth:`escape` adds one ``realpath``.
+    """
+
+    def __init__(self, root: str | os.PathLike, linkable: Sequence[str] = LINKABLE_DIRS):
+        self.root = Path(root)
+        bases = {os.path.realpath(self.root)}
+        bases.update(os.path.realpath(self.root / name) for name in linkable)
+        self._prefixes = tuple(b if b.endswith(os.sep) else b + os.sep for b in bases)
+
+    def contains(self, path: str | os.PathLike) -> bool:
+        """Whether ``path`` (already resolved) lies inside the root."""
+        real = os.fspath(path)
+        return any(real.startswith(p) or real + os.sep == p for p in self._prefixes)
+
+    def escape(self, base: str | os.PathLike, rel: str) -> str | None:
+        """Why ``base/rel`` leaves the root, or None when it stays inside."""
+        reason = lexical_escape(rel)
+        if reason is not None:
+            return reason
+        real = os.path.realpath(os.path.join(base, rel))
+        return None if self.contains(real) else f"it resolves to {real} through a symlink"
+
+    def resolve(self, base: str | os.PathLike, rel: str, what: str) -> Path:
+        """``base/rel``, or :class:`PathEscapeError` naming ``what`` (e.g. the metadata record)."""
+        reason = self.escape(base, rel)
+        if reason is not None:
+            raise PathEscapeError(escape_message(what, rel, self.root, reason, escape_fix(reason)))
+        return Path(base) / rel
+
+
+def escaping_records(records: Sequence[dict[str, Any]]) -> list[tuple[int, str, str, str]]:
+    """``(record index, key, path, reason)`` for every metadata path that lexically leaves the root."""
+    out = []
+    for i, rec in enumerate(records):
+        for key in PATH_KEYS:
+            value = rec.get(key)
+            if isinstance(value, str):
+                reason = lexical_escape(value)
+                if reason is not None:
+                    out.append((i, key, value, reason))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,6 +359,12 @@ def _validate_records(records: Any, path: Path, fix: str) -> None:
                 raise DatasetError(_with_fix(
                     f"metadata file {path}: record {i} {problem} {key!r} (record {_short(rec)}); "
                     "replace it with the official file", fix))
+    escaping = escaping_records(records)
+    if escaping:
+        i, key, value, reason = escaping[0]
+        more = f"; {len(escaping) - 1:,} more record(s) do too" if len(escaping) > 1 else ""
+        raise PathEscapeError(_with_fix(escape_message(f"metadata file {path}: record {i} ({key!r})", value,
+                                                       path.parent, reason + more), fix))
 
 
 def load_descriptions(path: str | os.PathLike) -> dict[Pair, list[str]] | None:
@@ -555,10 +653,14 @@ class CZSLDataset:
         return find_missing_images(self.image_root, self.all_images())
 
     def raise_for_missing_images(self, fix: str = "") -> None:
-        """Raise the ``data check`` message when any split image is missing."""
+        """Raise the ``data check`` message when any split image is missing or leaves the root."""
         if not self.image_root.is_dir():
             raise DatasetError(_with_fix(f"{self.name}: image folder {self.image_root} does not exist", fix))
-        missing = self.missing_images()
+        scan = scan_images(self.image_root, self.all_images(), RootGuard(self.root))
+        if scan.escaping:
+            raise PathEscapeError(f"{escaping_images_message(self.name, self.root, scan.escaping, len(self.all_images()))}"
+                                  f"; {escape_fix(scan.escaping[0][1])}")
+        missing = scan.missing
         if missing:
             raise DatasetError(_with_fix(missing_images_message(self.name, self.image_root, missing,
                                                                 len(self.all_images())), fix))
@@ -604,43 +706,98 @@ def _space_variant(rel: str) -> str | None:
     return f"{folder.replace('_', ' ')}/{rest}" if sep and "_" in folder else None
 
 
-def resolve_image_path(image_root: Path, rel: str) -> Path:
-    """``image_root/rel``, or the un-renamed space-named folder when only that one exists."""
+@functools.lru_cache(maxsize=64)
+def _guard_for(image_root: str) -> RootGuard:
+    # one guard per image folder: its realpaths are computed once, not once per image read
+    return RootGuard(Path(image_root).parent)
+
+
+def resolve_image_path(image_root: Path, rel: str, guard: RootGuard | None = None) -> Path:
+    """``image_root/rel``, or the un-renamed space-named folder when only that one exists.
+
+    Raises :class:`PathEscapeError` when the file lies outside the dataset root (``guard``;
+    default: the parent of ``image_root``), e.g. a symlink to a file elsewhere.
+    """
+    guard = guard or _guard_for(os.fspath(image_root))
     path = Path(image_root) / rel
     if not path.exists():
         alt = _space_variant(rel)
         if alt is not None and (Path(image_root) / alt).exists():
-            return Path(image_root) / alt
-    return path
+            rel, path = alt, Path(image_root) / alt
+    return guard.resolve(image_root, rel, f"split image {rel!r}")
+
+
+@dataclass(frozen=True)
+class ImageScan:
+    """What one listing pass over the split images found."""
+
+    missing: list[str]  # no regular file under the image root (metadata order)
+    escaping: list[tuple[str, str]]  # (path, why it leaves the dataset root): a symlink out, '..', ...
+
+
+def scan_images(image_root: Path, rel_paths: Iterable[str], guard: RootGuard | None = None) -> ImageScan:
+    """Missing and root-escaping split images, with one listing and one ``realpath`` per folder.
+
+    Only symlinked files cost a ``realpath`` of their own; a regular file in a folder that
+    resolves inside the root is inside. ``guard`` defaults to the parent of ``image_root``.
+    """
+    guard = guard or RootGuard(Path(image_root).parent)
+    # folder -> (regular-file names, symlinked names, why the folder itself escapes) or None
+    listings: dict[str, tuple[frozenset[str], frozenset[str], str | None] | None] = {}
+
+    def listing(folder: str) -> tuple[frozenset[str], frozenset[str], str | None] | None:
+        if folder not in listings:
+            path = os.path.join(image_root, folder)
+            try:
+                with os.scandir(path) as it:
+                    entries = [(e.name, e.is_file(), e.is_symlink()) for e in it]
+            except (OSError, ValueError):
+                listings[folder] = None
+            else:
+                real = os.path.realpath(path)
+                outside = None if guard.contains(real) else f"its folder resolves to {real} through a symlink"
+                listings[folder] = (frozenset(n for n, f, _ in entries if f),
+                                    frozenset(n for n, _, s in entries if s), outside)
+        return listings[folder]
+
+    def found(rel: str) -> str | None | bool:
+        """False when absent, None when present inside the root, else why it escapes."""
+        folder, _, fname = rel.rpartition("/")
+        names = listing(folder)
+        if names is None or fname not in names[0]:
+            return False
+        if names[2] is not None:
+            return names[2]
+        return guard.escape(image_root, rel) if fname in names[1] else None
+
+    missing: list[str] = []
+    escaping: list[tuple[str, str]] = []
+    for rel in rel_paths:
+        reason = lexical_escape(rel)
+        if reason is not None:
+            escaping.append((rel, reason))
+            continue
+        state = found(rel)
+        if state is False:
+            alt = _space_variant(rel)
+            state = found(alt) if alt is not None else False
+        if state is False:
+            missing.append(rel)
+        elif state is not None:
+            escaping.append((rel, state))
+    return ImageScan(missing, escaping)
 
 
 def find_missing_images(image_root: Path, rel_paths: Iterable[str]) -> list[str]:
     """Relative paths with no regular file under ``image_root`` (one listing per folder)."""
-    listings: dict[str, frozenset[str] | None] = {}
+    return scan_images(image_root, rel_paths).missing
 
-    def listing(folder: str) -> frozenset[str] | None:
-        if folder not in listings:
-            try:
-                with os.scandir(os.path.join(image_root, folder)) as it:
-                    listings[folder] = frozenset(e.name for e in it if e.is_file())
-            except OSError:
-                listings[folder] = None
-        return listings[folder]
 
-    missing = []
-    for rel in rel_paths:
-        folder, _, fname = rel.rpartition("/")
-        names = listing(folder)
-        if names is not None and fname in names:
-            continue
-        alt = _space_variant(rel)
-        if alt is not None:
-            alt_folder = alt.rpartition("/")[0]
-            alt_names = listing(alt_folder)
-            if alt_names is not None and fname in alt_names:
-                continue
-        missing.append(rel)
-    return missing
+def escaping_images_message(name: str, root: Path, escaping: Sequence[tuple[str, str]], total: int) -> str:
+    """The shared one-line message for split images that resolve outside the dataset root."""
+    rel, reason = escaping[0]
+    return (f"{name}: {len(escaping):,} of {total:,} split images leave the dataset root {root} "
+            f"(first: {rel!r}: {reason})")
 
 
 def missing_images_message(name: str, image_root: Path, missing: Sequence[str], total: int,
@@ -683,7 +840,12 @@ class SplitImages(torch.utils.data.Dataset):
         return len(self.split.images)
 
     def __getitem__(self, index: int) -> tuple[Any, int, int]:
-        image = decode_image(self.split.image_path(index))
+        try:
+            path = self.split.image_path(index)
+        except PathEscapeError as exc:
+            # as ImageDecodeError the one-line message survives DataLoader worker processes
+            raise ImageDecodeError(str(exc)) from None
+        image = decode_image(path)
         if self.transform is not None:
             tensor = self.transform(image)
         else:

@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from .check import CheckReport, inspect_dataset, sha256_file
-from .czsl_format import METADATA_FILE, SPLIT_DIR, SPLITS, DatasetError, load_metadata
+from .czsl_format import METADATA_FILE, SPLIT_DIR, SPLITS, DatasetError, RootGuard, load_metadata
 
 if TYPE_CHECKING:
     from .plugin import Source, StandardDataset
@@ -213,6 +213,7 @@ def install_split_files(plugin: StandardDataset, root: Path, tarball: Path | Non
     from .check import canonical_checksums
 
     expected = canonical_checksums(plugin)
+    guard = RootGuard(root)
     if tarball is not None:
         with tarfile.open(tarball, "r:gz") as tar:
             for rel in _split_members():
@@ -224,7 +225,7 @@ def install_split_files(plugin: StandardDataset, root: Path, tarball: Path | Non
                 if data is None:
                     raise DatasetError(f"split tarball {tarball} has no member {member}; it is not the TMN "
                                        "split release, delete it and run prepare again")
-                atomic_write_bytes(root / rel, data.read())
+                atomic_write_bytes(guard.resolve(root, rel, f"{plugin.name}: split file"), data.read())
         log(f"splits: installed from {tarball.name}")
         return
     canonical = plugin.canonical_root()
@@ -233,7 +234,7 @@ def install_split_files(plugin: StandardDataset, root: Path, tarball: Path | Non
         if expected.get(rel) and sha256_file(src) != expected[rel]:
             raise DatasetError(f"shipped split file {src} does not match its checksum; reinstall czsl-bench "
                                "or use --splits-from upstream")
-        dest = root / rel
+        dest = guard.resolve(root, rel, f"{plugin.name}: split file")
         if dest.is_file() and sha256_file(dest) == sha256_file(src):
             continue
         atomic_write_bytes(dest, src.read_bytes())
@@ -269,13 +270,17 @@ def _open_zip(archive: Path) -> zipfile.ZipFile:
 
 
 def extract_zip_tree(archive: Path, prefix: str | None, dest_root: Path,
-                     rename_folder: Callable[[str], str] | None = None, log: Log = print) -> int:
+                     rename_folder: Callable[[str], str] | None = None, log: Log = print,
+                     guard: RootGuard | None = None) -> int:
     """Extract the members under ``prefix`` of a zip into ``dest_root`` (prefix stripped).
 
     ``prefix=None`` strips a single top-level folder when the archive has exactly one.
     ``rename_folder`` maps the first path component (MIT-States: spaces to '_'). Members already
-    extracted with the right size are skipped, so an interrupted extraction resumes.
+    extracted with the right size are skipped, so an interrupted extraction resumes. A member
+    whose target resolves outside ``guard``'s root (default: ``dest_root``), through a symlinked
+    folder already on disk, is refused with :class:`PathEscapeError`.
     """
+    guard = guard or RootGuard(dest_root, linkable=())
     with _open_zip(archive) as zf:
         infos = [i for i in zf.infolist() if not i.is_dir()]
         if prefix is None:
@@ -294,7 +299,8 @@ def extract_zip_tree(archive: Path, prefix: str | None, dest_root: Path,
                 continue
             if rename_folder is not None and len(parts) > 1:
                 parts[0] = rename_folder(parts[0])
-            if _copy_member(zf, info, dest_root.joinpath(*parts)):
+            dest = guard.resolve(dest_root, "/".join(parts), f"archive {archive.name}: member {info.filename!r}")
+            if _copy_member(zf, info, dest):
                 written += 1
             else:
                 skipped += 1
@@ -318,18 +324,21 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 
 def reorganize_utzappos(root: Path, log: Log = print) -> None:
     """The ``reorganize_utzap.py`` step: ``_images/<_image>`` -> ``images/<image>`` per metadata record."""
-    records = load_metadata(root / METADATA_FILE)
+    records = load_metadata(root / METADATA_FILE)  # refuses absolute and '..' paths
+    guard = RootGuard(root)
     missing: list[str] = []
     made = 0
-    for rec in records:
+    for i, rec in enumerate(records):
         original, target = rec.get("_image"), rec["image"]
         if not isinstance(original, str):
             raise DatasetError(f"metadata {root / METADATA_FILE} has no '_image' field; it is not the UT-Zappos "
                                "metadata, reinstall it with `czsl-bench data prepare ut-zappos`")
-        dest = root / "images" / target
+        # symlinks already on disk could still redirect the link's source or its destination
+        what = f"ut-zappos: metadata {root / METADATA_FILE}: record {i}"
+        dest = guard.resolve(root / "images", target, f"{what} ('image')")
         if dest.is_file():
             continue
-        src = root / "_images" / original
+        src = guard.resolve(root / "_images", original, f"{what} ('_image')")
         if not src.is_file():
             missing.append(original)
             continue

@@ -22,6 +22,25 @@ def test_every_package_is_listed_in_pyproject():
     assert found <= listed | set(mapping), f"add to pyproject packages: {sorted(found - listed)}"
 
 
+def test_every_data_folder_with_an_importable_name_is_listed():
+    # setuptools treats such a folder as a package; unlisted, `pip install -e .` prints a screen of
+    # "Package '...' is absent from the `packages` configuration" warnings for each one
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(cfg["packages"])
+    unlisted = []
+    for name, folder in cfg["package-dir"].items():
+        base = ROOT / folder
+        for sub in sorted(p for p in base.rglob("*") if p.is_dir()):
+            rel = sub.relative_to(base).parts
+            if not all(part.isidentifier() for part in rel) or "__pycache__" in rel:
+                continue
+            shipped = [f for f in sub.iterdir() if f.is_file() and f.suffix not in (".pyc", ".py")]
+            package = ".".join([name, *rel])
+            if shipped and package not in listed:
+                unlisted.append(package)
+    assert not unlisted, f"add to pyproject packages (and package-data): {unlisted}"
+
+
 def test_no_top_level_datasets_or_methods_import():
     # Run from a neutral directory so the repo folders are not on sys.path.
     code = ("import importlib.util as u; import czsl_bench.datasets, czsl_bench.methods;"
