@@ -339,7 +339,12 @@ def _read(path: Path) -> RunRecord:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise RecordError("not UTF-8 text") from None
-    return RunRecord.from_json(text)
+    try:
+        return RunRecord.from_json(text)
+    except RecursionError:
+        # json recurses per nesting level: a damaged or hostile file ("[" x 200,000) must be one
+        # unreadable record, not a crash that ends `table` or a whole --skip-existing sweep
+        raise RecordError("JSON nested too deeply to be a run record") from None
 
 
 def is_finished(path: str | Path) -> bool:

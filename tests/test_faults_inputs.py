@@ -155,3 +155,51 @@ def test_table_output_on_a_full_disk_is_one_cli_line(tmp_path, monkeypatch):
     line = _one_line_error(res, 1)
     assert "disk full" in line and str(tmp_path) in line, line
     assert not (tmp_path / "t.md").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+# ----------------------------------------------------------------------------------------------
+# records: a deeply nested JSON file is one unreadable record, not a crash
+# ----------------------------------------------------------------------------------------------
+DEEP = "[" * 200_000
+
+
+def test_deeply_nested_record_is_skipped_by_table(tmp_path):
+    write_record(_record(seed=0, auc=0.25), tmp_path)
+    deep = tmp_path / "csp" / "synthetic" / "closed" / "seed1.json"
+    deep.write_text(DEEP)
+    res = CliRunner().invoke(cli, ["table", "--results-dir", str(tmp_path), "--format", "csv"])
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output and "RecursionError" not in res.output
+    assert f"skipping {deep}: JSON nested too deeply" in res.output
+    assert "25.0" in res.output  # the readable record still makes the table
+
+
+def test_deeply_nested_record_counts_as_unfinished_for_skip_existing(tmp_path):
+    from czsl_bench.records import RecordError, is_finished, load_records, read_record
+
+    deep = tmp_path / "seed0.json"
+    deep.write_text('{"schema_version": 1, "config": ' + DEEP)
+    assert is_finished(deep) is False
+    with pytest.raises(RecordError, match=r"seed0\.json: JSON nested too deeply"):
+        read_record(deep)
+    reasons = []
+    assert load_records(tmp_path, on_error=lambda p, why: reasons.append(why)) == []
+    assert reasons == ["JSON nested too deeply to be a run record"]
+
+
+def test_skip_existing_sweep_reruns_over_a_deeply_nested_record(tmp_path):
+    from fixtures.toy_world import registered_toy_dataset
+
+    from czsl_bench.records import read_record, record_path
+
+    with registered_toy_dataset(tmp_path / "toy"):
+        results = tmp_path / "results"
+        deep = record_path(results, "clip", "toy", "closed", 0)
+        deep.parent.mkdir(parents=True)
+        deep.write_text(DEEP)
+        res = CliRunner().invoke(cli, ["run", "clip", "--dataset", "toy", "--seed", "0,1", "--skip-existing",
+                                       "--backbone", "czsl-tiny-vit", "--pretrained", "none", "-q",
+                                       "--results-dir", str(results), "--cache-dir", str(tmp_path / "cache")])
+    assert res.exit_code == 0, res.output
+    assert "2/2 runs ok" in res.output
+    assert read_record(deep).seed == 0  # the damaged file was replaced by a real record
