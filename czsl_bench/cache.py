@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from czsl_bench.atomic import atomic_path
 from czsl_bench.names import clean_name
 
 if TYPE_CHECKING:
@@ -207,18 +207,8 @@ class FeatureCache:
             "meta": json.dumps(_canonical(dict(meta or {})), sort_keys=True),
         }
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:12]}-", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(ready, tmp, metadata=header)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        with atomic_path(path) as tmp:
+            save_file(ready, str(tmp), metadata=header)
         return path
 
     def get_or_compute(

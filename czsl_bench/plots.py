@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from czsl_bench.atomic import atomic_file
 from czsl_bench.records import RunRecord
 
 FULL_VARIANT = "full"
@@ -112,14 +112,9 @@ def ablation_sweep_figure(
     fig.tight_layout()
 
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}-", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=130, format="png")
-        os.replace(tmp, target)
+        with atomic_file(target) as handle:
+            fig.savefig(handle, dpi=130, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target

@@ -243,10 +243,10 @@ def _cached_web_corpus(cfg: PretrainConfig, excluded: list[tuple[str, str]]):
         with np.load(path) as data:
             return data["images"], [str(c) for c in data["captions"]], "cache hit"
     images, captions, _ = web_corpus(cfg.n_images, cfg.web_seed, cfg.image_size, excluded, workers=2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, images=images, captions=np.array(captions))
-    os.replace(tmp, path)
+    from czsl_bench.atomic import atomic_file
+
+    with atomic_file(path) as handle:
+        np.savez(handle, images=images, captions=np.array(captions))
     return images, captions, "rendered"
 
 
@@ -299,22 +299,21 @@ def save_checkpoint(result: PretrainResult, out_dir: str | os.PathLike, tag: str
     """Write ``<arch>-<tag>.safetensors`` and its training record atomically into ``out_dir``."""
     from safetensors.torch import save_file
 
+    from czsl_bench.atomic import atomic_path, atomic_write_text
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt, rec = out / checkpoint_name(tag), out / record_name(tag)
-    tmp = ckpt.with_suffix(f".tmp-{os.getpid()}")
     # One metadata key: safetensors writes a multi-key metadata map in arbitrary order, which
     # would make the bytes (and the recorded sha256) of identical weights differ between runs.
     meta = json.dumps({"arch": TINY_ARCH, "tag": tag, "format": "open_clip CLIP state_dict"}, sort_keys=True)
-    save_file(result.state_dict, str(tmp), metadata={"czsl_bench": meta})
-    os.replace(tmp, ckpt)
+    with atomic_path(ckpt) as tmp:
+        save_file(result.state_dict, str(tmp), metadata={"czsl_bench": meta})
     result.record["checkpoint"] = {"file": ckpt.name, "bytes": ckpt.stat().st_size,
                                    "sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest(), "dtype": "float16"}
     if out.resolve() != BACKBONE_DIR.resolve():  # keep the config beside a checkpoint written elsewhere
-        (out / TINY_CONFIG_FILE.name).write_text(TINY_CONFIG_FILE.read_text())
-    tmp_rec = rec.with_suffix(f".tmp-{os.getpid()}")
-    tmp_rec.write_text(json.dumps(result.record, indent=1) + "\n")
-    os.replace(tmp_rec, rec)
+        atomic_write_text(out / TINY_CONFIG_FILE.name, TINY_CONFIG_FILE.read_text())
+    atomic_write_text(rec, json.dumps(result.record, indent=1) + "\n")
     return ckpt, rec
 
 

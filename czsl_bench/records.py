@@ -34,7 +34,6 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -396,42 +395,11 @@ def path_for(record: RunRecord, results_dir: str | Path) -> Path:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` so readers see the old file or the complete new one, never half.
+    """Write ``text`` to ``path`` so readers see the old file or the complete new one, never half
+    (:mod:`czsl_bench.atomic`: temp file in the target folder, fsync, rename, umask honoured)."""
+    from czsl_bench.atomic import atomic_write_text as write
 
-    The temp file lives in the target folder (``os.replace`` is atomic only within a filesystem)
-    and is flushed and fsynced before the rename; a failure removes it.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not supported on every OS/filesystem (e.g. Windows), so best effort.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return write(path, text)
 
 
 def write_record(record: RunRecord, results_dir: str | Path) -> Path:
@@ -486,7 +454,12 @@ def _read(path: Path) -> RunRecord:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise RecordError("not UTF-8 text") from None
-    return RunRecord.from_json(text)
+    try:
+        return RunRecord.from_json(text)
+    except RecursionError:
+        # json recurses per nesting level: a damaged or hostile file ("[" x 200,000) must be one
+        # unreadable record, not a crash that ends `table` or a whole --skip-existing sweep
+        raise RecordError("JSON nested too deeply to be a run record") from None
 
 
 def migrate_file(path: Path, results_dir: str | Path, dataset_versions: dict[str, str | None] | None = None,

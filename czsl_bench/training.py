@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from czsl_bench.atomic import atomic_file
 from czsl_bench.method import Method, NullProgress, RunContext, TrainConfig
 from czsl_bench.seeding import hash_seed, loader_generator, worker_init_fn
 
@@ -310,15 +310,10 @@ class Trainer:
             "best_state": best_state,
             "nonfinite": nonfinite,
         }
-        target = self.checkpoint_dir / LAST
-        fd, tmp = tempfile.mkstemp(dir=self.checkpoint_dir, prefix=".last-", suffix=".pt.tmp")
-        os.close(fd)
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        # Through a Python file object, not a path: torch's own writer turns a full disk into
+        # "enforce fail ... unexpected pos"; atomic_file sees the ENOSPC and says "disk full".
+        with atomic_file(self.checkpoint_dir / LAST) as handle:
+            torch.save(payload, handle)
 
     def _load_checkpoint(self, fingerprint: str) -> dict[str, Any] | None:
         if self.checkpoint_dir is None:

@@ -38,6 +38,8 @@ from typing import Any
 import torch
 import torch.utils.data
 
+from czsl_bench.atomic import atomic_write_text
+
 SPLIT_DIR = "compositional-split-natural"
 METADATA_FILE = "metadata_compositional-split-natural.t7"
 IMAGE_DIR = "images"
@@ -266,11 +268,8 @@ def _read_metadata_cache(cache_dir: Path, digest: str) -> list[dict[str, str]] |
 
 def _write_metadata_cache(cache_dir: Path, digest: str, records: list[dict[str, str]]) -> None:
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / f".{digest}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({"format": METADATA_CACHE_FORMAT, "sha256": digest, "records": records}),
-                       encoding="utf-8")
-        os.replace(tmp, cache_dir / f"{digest}.json")
+        atomic_write_text(cache_dir / f"{digest}.json",
+                          json.dumps({"format": METADATA_CACHE_FORMAT, "sha256": digest, "records": records}))
     except OSError:
         pass  # the cache only saves time; a read-only cache folder must not break loading
 

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -27,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
+
+from czsl_bench.atomic import atomic_file, atomic_write_bytes
 
 from .check import CheckReport, inspect_dataset, sha256_file
 from .czsl_format import METADATA_FILE, SPLIT_DIR, SPLITS, DatasetError, RootGuard, load_metadata
@@ -64,19 +65,6 @@ def _read_state(root: Path) -> dict:
 
 def _write_state(root: Path, state: dict) -> None:
     atomic_write_bytes(root / STATE_FILE, json.dumps(state, indent=1, sort_keys=True).encode())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def http_fetch(url: str, part: Path, log: Log = print, timeout: float = 60.0) -> None:
@@ -253,11 +241,8 @@ def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path) -> bool
     """Extract one member atomically; False when ``dest`` already holds it (same size)."""
     if dest.is_file() and dest.stat().st_size == info.file_size:
         return False
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part")
-    with zf.open(info) as src, open(tmp, "wb") as out:
+    with zf.open(info) as src, atomic_file(dest) as out:
         shutil.copyfileobj(src, out, 1 << 20)
-    os.replace(tmp, dest)
     return True
 
 
