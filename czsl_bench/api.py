@@ -320,7 +320,7 @@ def _method_track(method: str) -> str:
 def training_fingerprint(identity: Any) -> str:
     """What a checkpoint must agree with to be resumed: the identity without the evaluation
     fields (setting, protocol, feasibility), so both settings of a run share one training."""
-    from czsl_bench.identity import short_hash
+    from czsl_bench.hashing import short_hash
 
     data = identity.to_dict()
     for name in ("setting", "protocol", "feasibility"):

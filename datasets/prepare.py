@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING
 
 from czsl_bench.atomic import atomic_file, atomic_write_bytes
 
-from .check import CheckReport, inspect_dataset, sha256_file
+from czsl_bench.hashing import sha256_file
+
+from .check import CheckReport, inspect_dataset
 from .czsl_format import METADATA_FILE, SPLIT_DIR, SPLITS, DatasetError, RootGuard, load_metadata
 
 if TYPE_CHECKING:
