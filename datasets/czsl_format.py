@@ -347,7 +347,7 @@ def _validate_records(records: Any, path: Path, fix: str) -> None:
         for key in REQUIRED_KEYS:
             value = rec.get(key)
             if not isinstance(value, str):
-                problem = "lacks key" if key not in rec else f"has a non-string value for key"
+                problem = "lacks key" if key not in rec else "has a non-string value for key"
                 raise DatasetError(_with_fix(
                     f"metadata file {path}: record {i} {problem} {key!r} (record {_short(rec)}); "
                     "replace it with the official file", fix))

@@ -228,7 +228,7 @@ def install_split_files(plugin: StandardDataset, root: Path, tarball: Path | Non
         if dest.is_file() and sha256_file(dest) == sha256_file(src):
             continue
         atomic_write_bytes(dest, src.read_bytes())
-    log(f"splits: installed the canonical split files and metadata shipped with czsl-bench")
+    log("splits: installed the canonical split files and metadata shipped with czsl-bench")
 
 
 def _safe_parts(name: str) -> list[str] | None:
