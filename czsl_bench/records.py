@@ -314,7 +314,7 @@ def migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
     changed config fields; ``notes`` says so. A migrated record's fingerprint therefore differs
     from a fresh run's until ``czsl-bench records migrate --dataset-version`` fills the version in.
     """
-    from czsl_bench.identity import RunIdentity
+    from czsl_bench.identity import RunIdentity, weights_identity
 
     data = dict(data)
     data["schema_version"] = SCHEMA_VERSION
@@ -326,7 +326,7 @@ def migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
         ident = RunIdentity(
             method=data["method"], config=data.get("config") or {},
             backbone={"arch": backbone.get("arch"), "pretrained": backbone.get("pretrained"),
-                      "weights_hash": backbone.get("weights_hash")},
+                      "weights_hash": weights_identity(backbone.get("weights_hash"), backbone.get("pretrained"))},
             dataset={"name": data["dataset"], "version": None}, setting=data["setting"], seed=data["seed"],
             protocol=data.get("protocol"),
             feasibility=provenance.get("feasibility") if data["setting"] == "open" else None)
