@@ -28,9 +28,11 @@ import functools
 import hashlib
 import itertools
 import json
+import logging
 import operator
 import os
 import pickle
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -49,6 +51,7 @@ WORLDS = ("closed", "open")
 REQUIRED_KEYS = ("image", "attr", "obj", "set")
 
 Pair = tuple[str, str]
+log = logging.getLogger(__name__)
 
 
 def pair_file(root: Path, split: str) -> Path:
@@ -267,7 +270,23 @@ def read_pair_file(path: str | os.PathLike, fix: str = "") -> list[Pair]:
     return pairs
 
 
-METADATA_CACHE_FORMAT = 1
+# 2: a header line with the sha256 of the records that follow it (format 1 had no checksum)
+METADATA_CACHE_FORMAT = 2
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a synced temporary file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _metadata_cache_dir() -> Path | None:
@@ -279,23 +298,49 @@ def _metadata_cache_dir() -> Path | None:
     return default_cache_root() / "metadata"
 
 
-def _read_metadata_cache(cache_dir: Path, digest: str) -> list[dict[str, str]] | None:
+def _read_metadata_cache(cache_dir: Path, digest: str, source: Path) -> list[dict[str, str]] | None:
+    """The cached records, or None on a miss; a damaged entry is reported, deleted and a miss.
+
+    The checksum matters: the records decide which split each image is in, so one flipped byte
+    (``"val"`` -> ``"vam"``, which the loader puts in test) would silently change test numbers.
+    """
+    path = cache_dir / f"{digest}.json"
     try:
-        doc = json.loads((cache_dir / f"{digest}.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raw = path.read_bytes()
+    except OSError:
         return None
-    if not isinstance(doc, dict) or doc.get("format") != METADATA_CACHE_FORMAT or doc.get("sha256") != digest:
-        return None
-    return doc.get("records")
+    header, _, body = raw.partition(b"\n")
+    try:
+        head = json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        head = None
+    if isinstance(head, dict) and head.get("format") != METADATA_CACHE_FORMAT:
+        return None  # written by another version: replaced without a word
+    problem = None
+    if not isinstance(head, dict):
+        problem = "unreadable header"
+    elif head.get("sha256") != digest:
+        problem = "it belongs to another metadata file"
+    elif head.get("records_sha256") != hashlib.sha256(body).hexdigest():
+        problem = "checksum mismatch"
+    else:
+        try:
+            records = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            records = None
+        if isinstance(records, list):
+            return records
+        problem = "not a list of records"
+    log.warning("metadata cache file %s is damaged (%s); deleting it and re-reading %s", path, problem, source)
+    path.unlink(missing_ok=True)
+    return None
 
 
 def _write_metadata_cache(cache_dir: Path, digest: str, records: list[dict[str, str]]) -> None:
+    body = json.dumps(records).encode("ascii")  # ensure_ascii: even lone surrogates round-trip
+    head = {"format": METADATA_CACHE_FORMAT, "sha256": digest, "records_sha256": hashlib.sha256(body).hexdigest()}
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / f".{digest}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({"format": METADATA_CACHE_FORMAT, "sha256": digest, "records": records}),
-                       encoding="utf-8")
-        os.replace(tmp, cache_dir / f"{digest}.json")
+        atomic_write_bytes(cache_dir / f"{digest}.json", json.dumps(head).encode() + b"\n" + body)
     except OSError:
         pass  # the cache only saves time; a read-only cache folder must not break loading
 
@@ -319,7 +364,7 @@ def load_metadata(path: str | os.PathLike, fix: str = "", cache: bool = True) ->
     digest = None
     if cache_dir is not None:
         digest = _sha256(path)
-        cached = _read_metadata_cache(cache_dir, digest)
+        cached = _read_metadata_cache(cache_dir, digest, path)
         if cached is not None:
             _validate_records(cached, path, fix)
             return cached

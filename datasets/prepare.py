@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -29,7 +28,8 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from .check import CheckReport, inspect_dataset, sha256_file
-from .czsl_format import METADATA_FILE, SPLIT_DIR, SPLITS, DatasetError, RootGuard, load_metadata
+from .czsl_format import (METADATA_FILE, SPLIT_DIR, SPLITS, DatasetError, RootGuard, atomic_write_bytes,
+                          load_metadata)
 
 if TYPE_CHECKING:
     from .plugin import Source, StandardDataset
@@ -64,19 +64,6 @@ def _read_state(root: Path) -> dict:
 
 def _write_state(root: Path, state: dict) -> None:
     atomic_write_bytes(root / STATE_FILE, json.dumps(state, indent=1, sort_keys=True).encode())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def http_fetch(url: str, part: Path, log: Log = print, timeout: float = 60.0) -> None:

@@ -282,3 +282,22 @@ def test_check_reports_a_symlinked_image_outside_the_root(small_ut, tmp_path):
         assert rel in finding.message and str(secret) in finding.message and "symlink" in finding.fix
     with pytest.raises(DatasetError, match="leave the dataset root"):
         DATASETS.get("ut-zappos").load(root, strict=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. every cached file is verified on read
+# ---------------------------------------------------------------------------------------------
+def test_a_flipped_byte_in_the_metadata_cache_is_caught_and_recomputed(toy, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CZSL_CACHE", str(tmp_path / "cache"))
+    clean = CZSLDataset.from_root(toy, name="toy")  # fills the cache
+    sizes = {s: len(clean.split(s)) for s in ("train", "val", "test")}
+    [cached] = (tmp_path / "cache" / "metadata").glob("*.json")
+    raw = cached.read_bytes()
+    assert b'"set": "val"' in raw
+    cached.write_bytes(raw.replace(b'"set": "val"', b'"set": "vam"', 1))  # the loader would put it in test
+    with caplog.at_level("WARNING"):
+        ds = CZSLDataset.from_root(toy, name="toy")
+    assert {s: len(ds.split(s)) for s in sizes} == sizes
+    assert ds.split("val").images == clean.split("val").images
+    assert "damaged (checksum mismatch)" in caplog.text and str(cached) in caplog.text
+    assert cached.read_bytes() == raw  # rewritten from the metadata file
