@@ -301,3 +301,22 @@ def test_a_flipped_byte_in_the_metadata_cache_is_caught_and_recomputed(toy, tmp_
     assert ds.split("val").images == clean.split("val").images
     assert "damaged (checksum mismatch)" in caplog.text and str(cached) in caplog.text
     assert cached.read_bytes() == raw  # rewritten from the metadata file
+
+
+def test_a_damaged_web_corpus_cache_is_rendered_again(tmp_path, monkeypatch, caplog):
+    from czsl_bench.pretrain import PretrainConfig, _cached_web_corpus
+
+    monkeypatch.setenv("CZSL_CACHE", str(tmp_path / "cache"))
+    cfg = PretrainConfig(n_images=24, image_size=16)
+    images, captions, state = _cached_web_corpus(cfg, [])
+    assert state == "rendered"
+    [path] = (tmp_path / "cache" / "web").glob("*.npz")
+    assert _cached_web_corpus(cfg, [])[2] == "cache hit"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 3] ^= 0x01  # inside the image array
+    path.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING"):
+        again, again_captions, state = _cached_web_corpus(cfg, [])
+    assert state == "rendered" and "web corpus cache file" in caplog.text and "damaged" in caplog.text
+    assert (again == images).all() and again_captions == captions
+    assert _cached_web_corpus(cfg, [])[2] == "cache hit"
