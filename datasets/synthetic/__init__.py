@@ -13,7 +13,6 @@ feasible compositions, rendered procedurally (numpy + PIL) and written in the st
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -126,8 +125,15 @@ class SyntheticPlugin:
         return report
 
     def world_info(self, root: str | os.PathLike) -> dict:
-        """The ``world.json`` of a generated world (config, feasibility, split pairs, counts)."""
-        return json.loads((Path(root) / "world.json").read_text())
+        """The ``world.json`` of a generated world (config, feasibility, split pairs, counts), verified."""
+        from ..czsl_format import DatasetError
+        from .store import read_world_json
+
+        info, problem = read_world_json(Path(root))
+        if info is None:
+            raise DatasetError(f"synthetic: {Path(root) / 'world.json'} is {problem}; run `czsl-bench data check "
+                               f"synthetic --root {root}`, or delete the folder to generate the world again")
+        return info
 
     def info(self) -> dict[str, Any]:
         """Name, vocabulary sizes and default cache location (JSON-friendly)."""
