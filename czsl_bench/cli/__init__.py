@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, str] = {
     "backbone": "czsl_bench.cli.backbone:backbone",
     "ablate": "czsl_bench.cli.ablate:ablate",
     "run": "czsl_bench.cli.run:run",
+    "text": "czsl_bench.cli.text:text",
 }
 
 
