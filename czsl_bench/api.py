@@ -412,7 +412,8 @@ def _run_spec(spec: RunSpec, opts: RunOptions) -> list[RunRecord]:
             n_images={"val": val.n_images, "test": test.n_images},
             open_threshold=threshold, timings=run_timings, provenance=provenance,
             environment={**env, "seeding": {"seed": seed_info.seed, "deterministic": seed_info.deterministic},
-                         "training": fit.to_dict() if fit is not None else None},
+                         "training": fit.to_dict() if fit is not None else None,
+                         **({"method": info} if (info := method.record_info()) else {})},
         )
         if opts.write:
             write_record(record, opts.results_dir)
