@@ -219,47 +219,84 @@ def sinkhorn_plan(sim: Tensor, a: Tensor, b: Tensor, theta: float, eps: float, i
     for the host (spec §5). ``kernel`` iterates on ``exp(theta * (sim - max) / eps)`` (the shift is
     absorbed by the scalings); ``log`` on potentials with log-sum-exp, stable for any ``eps``.
     ``auto`` takes the kernel unless its smallest entry could underflow float32 for cosine
-    similarities, and falls back to the log domain if the kernel result is not finite. The
-    last update is the column one, so column sums equal ``b`` to rounding.
+    similarities, and falls back to the log domain if the kernel scalings are not finite (one
+    check per call). The last update is the column one, so column sums equal ``b`` to rounding.
     """
-    sim, a, b = sim.float(), a.float(), b.float()
+    sol = _solve(sim.permute(1, 2, 0).float(), a.t().float(), b.t().float(), theta, eps, iters, solver)
+    return sol.plan().permute(2, 0, 1)
+
+
+def transport_scores(sim: Tensor, a: Tensor, b: Tensor, theta: float, eps: float, iters: int,
+                     solver: str = "auto") -> Tensor:
+    """``<T, S>`` ``[Q]`` for problems laid out problems-last: ``sim [m, K, Q]``, ``a [m, Q]``,
+    ``b [K, Q]``; the plan itself is never formed."""
+    return _solve(sim, a, b, theta, eps, iters, solver).inner(sim)
+
+
+@dataclass
+class _Solution:
+    """Sinkhorn scalings of problems laid out problems-last (``[m, K, Q]``): the reductions over
+    the few descriptors and crops then run over long contiguous rows of problems, about three
+    times faster on a CPU than a batch of tiny matrix products."""
+
+    kernel: Tensor | None  # [m, K, Q] (kernel domain) or the log-kernel (log domain)
+    u: Tensor  # [m, Q]: scalings, or log-potentials in the log domain
+    v: Tensor  # [K, Q]
+    log: bool
+
+    def plan(self) -> Tensor:
+        if self.log:
+            return torch.exp(self.kernel + self.u[:, None] + self.v[None])
+        return self.u[:, None] * self.kernel * self.v[None]
+
+    def inner(self, sim: Tensor) -> Tensor:
+        if self.log:
+            return (self.plan() * sim).sum(dim=(0, 1))
+        return (_kv(self.kernel * sim, self.v) * self.u).sum(0)
+
+
+def _kv(kernel: Tensor, v: Tensor) -> Tensor:
+    """``sum_j kernel[:, j, :] * v[j]`` ``[m, Q]`` without a ``[m, K, Q]`` temporary."""
+    out = kernel[:, 0] * v[0]
+    for j in range(1, kernel.shape[1]):
+        out.addcmul_(kernel[:, j], v[j])
+    return out
+
+
+def _solve(sim: Tensor, a: Tensor, b: Tensor, theta: float, eps: float, iters: int, solver: str) -> _Solution:
     if solver not in ("auto", "kernel", "log"):
         raise ValueError(f"solver must be auto, kernel or log, got {solver!r}")
-    if theta == 0:
-        return a[:, :, None] * b[:, None, :]  # no cost: the independent coupling
+    if theta == 0:  # no cost: the independent coupling a b^T
+        return _Solution(torch.ones_like(sim), a, b, log=False)
     if solver == "log" or (solver == "auto" and 2 * theta / eps > 40):
         return _sinkhorn_log(sim, a, b, theta, eps, iters)
-    plan = _sinkhorn_kernel(sim, a, b, theta, eps, iters)
-    if solver == "auto" and not bool(torch.isfinite(plan).all()):  # one check per call, not per iteration
+    sol = _sinkhorn_kernel(sim, a, b, theta, eps, iters)
+    if solver == "auto" and not bool(torch.isfinite(sol.u).all() & torch.isfinite(sol.v).all()):
         return _sinkhorn_log(sim, a, b, theta, eps, iters)
-    return plan
+    return sol
 
 
-def _sinkhorn_kernel(sim: Tensor, a: Tensor, b: Tensor, theta: float, eps: float, iters: int) -> Tensor:
-    top = sim.amax(dim=(1, 2), keepdim=True)
+def _sinkhorn_kernel(sim: Tensor, a: Tensor, b: Tensor, theta: float, eps: float, iters: int) -> _Solution:
+    top = sim.amax(dim=(0, 1), keepdim=True)
     kernel = torch.exp((theta / eps) * (sim - top))
+    tmp = torch.empty_like(kernel)
     v = torch.ones_like(b)
+    u = a
     for _ in range(iters):
-        u = a / (kernel @ v.unsqueeze(-1)).squeeze(-1)
-        v = b / (u.unsqueeze(1) @ kernel).squeeze(1)
-    return u.unsqueeze(-1) * kernel * v.unsqueeze(1)
+        u = a / _kv(kernel, v)
+        v = b / torch.mul(kernel, u[:, None], out=tmp).sum(0)
+    return _Solution(kernel, u, v, log=False)
 
 
-def _sinkhorn_log(sim: Tensor, a: Tensor, b: Tensor, theta: float, eps: float, iters: int) -> Tensor:
+def _sinkhorn_log(sim: Tensor, a: Tensor, b: Tensor, theta: float, eps: float, iters: int) -> _Solution:
     log_k = (theta / eps) * sim
     log_a, log_b = a.log(), b.log()  # zero mass -> -inf: padded rows and columns never receive any
     f = torch.zeros_like(a)
     g = torch.zeros_like(b)
     for _ in range(iters):
-        f = log_a - torch.logsumexp(log_k + g.unsqueeze(1), dim=2)
-        g = log_b - torch.logsumexp(log_k + f.unsqueeze(2), dim=1)
-    return torch.exp(log_k + f.unsqueeze(2) + g.unsqueeze(1))
-
-
-def hybrid_scores(plan: Tensor, sim: Tensor, glob: Tensor, b: Tensor, theta: float) -> Tensor:
-    """Per-descriptor contributions ``[Q, K]``: ``theta * sum_i T_ij s_ij + (1 - theta) b_j g_j``.
-    They sum over ``j`` to LaZSL's score ``<T, theta S + (1 - theta) G>`` (spec §3)."""
-    return theta * (plan * sim).sum(dim=1) + (1 - theta) * b * glob
+        f = log_a - torch.logsumexp(log_k + g[None], dim=1)
+        g = log_b - torch.logsumexp(log_k + f[:, None], dim=0)
+    return _Solution(log_k, f, g, log=True)
 
 
 def _cell_inside(boxes: Tensor, width: int, height: int, cells: int) -> tuple[Tensor, int, int]:
@@ -715,11 +752,12 @@ class LaZSL(Method):
         for s in range(0, q, step):
             ids = idx[s:s + step]
             qq = len(ids)
-            sim = sim_all[:, :, ids].permute(0, 2, 1, 3).reshape(b_img * qq, m, k)  # [B*q, m, K]
-            rows = a[:, None, :].expand(b_img, qq, m).reshape(b_img * qq, m)
-            cols = w[s:s + step][None].expand(b_img, qq, k).reshape(b_img * qq, k)
-            plan = sinkhorn_plan(sim, rows, cols, cfg.theta, cfg.eps, cfg.iters)
-            out[:, s:s + qq] = (plan * sim).sum(dim=(1, 2)).reshape(b_img, qq)
+            # problems last: [m, K, B*q] (see _Solution)
+            sim = sim_all[:, :, ids].permute(1, 3, 0, 2).reshape(m, k, b_img * qq)
+            rows = a.t()[:, :, None].expand(m, b_img, qq).reshape(m, b_img * qq)
+            cols = w[s:s + step].t()[:, None, :].expand(k, b_img, qq).reshape(k, b_img * qq)
+            region = transport_scores(sim, rows, cols, cfg.theta, cfg.eps, cfg.iters)
+            out[:, s:s + qq] = region.reshape(b_img, qq)
         return out
 
     # -- one image: explanations and the deletion test -----------------------------------------
@@ -929,6 +967,6 @@ class LaZSL(Method):
         }
 
 
-__all__ = ["LaZSL", "LaZSLConfig", "ProblemSet", "sinkhorn_plan", "hybrid_scores", "random_boxes", "grid_boxes",
+__all__ = ["LaZSL", "LaZSLConfig", "ProblemSet", "sinkhorn_plan", "transport_scores", "random_boxes", "grid_boxes",
            "crop_views", "image_rng", "random_descriptors", "descriptor_heatmap", "evidence_map", "best_window",
            "CROP_PIPELINE_VERSION"]
