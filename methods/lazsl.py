@@ -893,8 +893,8 @@ class LaZSL(Method):
                     d["top_crops"] = [{"crop": int(kept[i]), "box": [round(v, 2) for v in boxes[int(kept[i])].tolist()],
                                        "mass": float(share[i])} for i in best]
                     d["plan"] = [round(float(v), 7) for v in plan.cpu()]
-                    d["heatmap"] = [[round(float(v), 4) for v in r] for r in descriptor_heatmap(
-                        boxes[kept], plan.cpu(), ev["rows"].cpu(), width, height)]
+                    d["heatmap"] = [[round(float(v), 4) if math.isfinite(v) else None for v in r.tolist()]
+                                    for r in descriptor_heatmap(boxes[kept], plan.cpu(), ev["rows"].cpu(), width, height)]
             out["top"].append(entry)
         return out
 

@@ -242,7 +242,7 @@ def test_explanations_contributions_sum_to_the_score_and_heatmaps_are_coverage_c
     split = ctx.split("test")
     scores = method.score(ctx, split)
     out = method.explain(ctx, split, 2, top=3)
-    json.dumps(out)  # JSON-ready
+    json.dumps(out, allow_nan=False)  # JSON-ready, strictly
     assert out["true_pair"] == " ".join(split.pairs[int(split.labels[2])])
     assert len(out["top"]) == 3 and out["top"][0]["score"] >= out["top"][1]["score"]
     for entry in out["top"]:
@@ -252,7 +252,8 @@ def test_explanations_contributions_sum_to_the_score_and_heatmaps_are_coverage_c
         assert math.isclose(total, entry["score"], abs_tol=1e-5)
         assert math.isclose(sum(d["mass"] for d in entry["contributions"]), 1.0, abs_tol=1e-5)
         if overrides.get("ot", True):
-            maps = torch.tensor([d["heatmap"] for d in entry["contributions"]])
+            maps = torch.tensor([[[math.nan if v is None else v for v in r] for r in d["heatmap"]]
+                                 for d in entry["contributions"]])
             mass = torch.tensor([d["mass"] for d in entry["contributions"]])
             covered = ~torch.isnan(maps[0])
             if overrides.get("mode") != "factorized":
