@@ -899,16 +899,22 @@ class LaZSL(Method):
         return out
 
     @torch.no_grad()
-    def deletion_test(self, ctx: RunContext, split: Any, indices: Sequence[int], area: float = 0.25,
-                      n_random: int = 4) -> dict[str, Any]:
-        """Faithfulness by deletion: grey out a square of ``area`` of the image where the predicted
-        pair's evidence map is highest, re-score, and compare the score drop with greying out
-        ``n_random`` random squares of the same size (seeded). The evidence map is the
-        coverage-corrected sum over crops of their transported similarity ``sum_j T_ij s_ij``."""
+    def deletion_test(self, ctx: RunContext, split: Any, indices: Sequence[int], target: str = "box",
+                      area: float = 0.25, n_random: int = 4) -> dict[str, Any]:
+        """Faithfulness by deletion (spec §3): grey out the region an explanation points at,
+        re-score the predicted pair, and compare the drop with greying out ``n_random`` random
+        squares of the same size (seeded; the same crop boxes are re-encoded).
+
+        ``target="box"``: the top-mass crop of the descriptor that contributes most (its box, as
+        drawn in the explanation). ``target="window"``: the square of ``area`` of the image where
+        the coverage-corrected evidence map (per crop ``sum_j T_ij s_ij``) is highest."""
+        if target not in ("box", "window"):
+            raise ValueError(f"target must be 'box' or 'window', got {target!r}")
+        if not indices:
+            raise ValueError("the deletion test needs at least one image")
         self._seed = ctx.seed
         text = self.text(ctx, split)
-        pre = ctx.backbone.describe_preprocess()
-        grey = torch.tensor(pre["mean"]).view(3, 1, 1)
+        grey = torch.tensor(ctx.backbone.describe_preprocess()["mean"]).view(3, 1, 1)  # 0 after normalisation
         rng = np.random.default_rng([int(ctx.seed), 0xDE1E7E])
         cand = split.candidate_mask.bool()
         rows = []
@@ -921,35 +927,41 @@ class LaZSL(Method):
             if ev["kept"] is None:
                 raise ValueError("the deletion test needs regions; run it with ot=True")
             height, width = image.shape[1:]
-            sims = crops[0, ev["kept"]] @ text.emb.T.to(crops.device)  # [m, U]
-            mass = torch.zeros(len(ev["kept"]))
-            for d, plan in zip(ev["descriptors"], ev["plans"]):
-                col = text.texts.index(d["text"])
-                mass += (plan * sims[:, col]).cpu()
-            emap = evidence_map(boxes[ev["kept"].cpu()], mass, ev["rows"].cpu(), width, height)
-            side = math.sqrt(area) * min(width, height)
-            x0, y0 = best_window(emap, side, width, height)
+            kept = ev["kept"].cpu()
+            if target == "box":
+                j = max(range(len(ev["descriptors"])), key=lambda k: ev["descriptors"][k]["contribution"])
+                x0, y0, x1, _ = boxes[kept[int(ev["plans"][j].argmax())]].tolist()
+                side = x1 - x0
+            else:
+                sims = crops[0, ev["kept"]] @ text.emb.T.to(crops.device)  # [m, U]
+                mass = torch.zeros(len(kept))
+                for d, plan in zip(ev["descriptors"], ev["plans"]):
+                    mass += (plan * sims[:, text.texts.index(d["text"])]).cpu()
+                side = math.sqrt(area) * min(width, height)
+                x0, y0 = best_window(evidence_map(boxes[kept], mass, ev["rows"].cpu(), width, height), side,
+                                     width, height)
             drops = []
-            for x, y in [(x0, y0)] + [(float(rng.uniform(0, width - side)), float(rng.uniform(0, height - side)))
-                                      for _ in range(n_random)]:
+            spots = [(x0, y0)] + [(float(rng.uniform(0, width - side)), float(rng.uniform(0, height - side)))
+                                  for _ in range(n_random)]
+            for x, y in spots:
                 masked = image.clone()
-                xa, ya = int(round(x)), int(round(y))
-                masked[:, ya:ya + int(round(side)), xa:xa + int(round(side))] = grey
+                xa, ya, sd = int(round(x)), int(round(y)), int(round(side))
+                masked[:, ya:ya + sd, xa:xa + sd] = grey
                 c2, g2 = self.image_views(ctx, masked, boxes)
                 drops.append(float(scores[pred]) - float(self.pair_scores(text, c2, g2, pred, pred + 1)[0, 0]))
             rows.append({"index": int(index), "pair": " ".join(split.pairs[pred]), "score": float(scores[pred]),
-                         "drop_explained": drops[0], "drop_random": float(np.mean(drops[1:]))})
+                         "area": side * side / (width * height), "drop_explained": drops[0],
+                         "drop_random": float(np.mean(drops[1:]))})
         expl = np.array([r["drop_explained"] for r in rows])
         rand = np.array([r["drop_random"] for r in rows])
         diff = expl - rand
         n = len(rows)
-        return {"images": n, "area": area, "n_random": n_random,
-                "mean_drop_explained": float(expl.mean()) if n else float("nan"),
-                "mean_drop_random": float(rand.mean()) if n else float("nan"),
-                "mean_difference": float(diff.mean()) if n else float("nan"),
-                "difference_stderr": float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
-                "explained_larger_fraction": float((diff > 0).mean()) if n else float("nan"),
-                "rows": rows}
+        return {"images": n, "target": target, "mean_area": float(np.mean([r["area"] for r in rows])),
+                "n_random": n_random, "mean_score": float(np.mean([r["score"] for r in rows])),
+                "mean_drop_explained": float(expl.mean()), "mean_drop_random": float(rand.mean()),
+                "mean_difference": float(diff.mean()),
+                "difference_stderr": float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
+                "explained_larger_fraction": float((diff > 0).mean()), "rows": rows}
 
     # -- ablations ------------------------------------------------------------------------------
     @classmethod

@@ -84,12 +84,14 @@ def test_bad_selections_are_usage_errors_in_one_line(toy, tmp_path, args, messag
 
 
 def test_deletion_needs_regions_and_reports_both_drops_for_lazsl(toy, tmp_path):
-    bad = invoke(tmp_path, "clip", "--index", "0", "--deletion")
+    bad = invoke(tmp_path, "clip", "--index", "0", "--deletion", "box")
     assert bad.exit_code == 1 and "no regions to delete" in bad.output
-    result = invoke(tmp_path, "lazsl", "--index", "0-2", "--deletion", "--set", "n_crops=5")
-    assert result.exit_code == 0, result.output
-    out = json.loads((tmp_path / "out" / "lazsl-toy-test-deletion.json").read_text())
-    assert out["images"] == 3 and len(out["rows"]) == 3
+    for target in ("box", "window"):
+        result = invoke(tmp_path, "lazsl", "--index", "0-1", "--deletion", target, "--set", "n_crops=3")
+        assert result.exit_code == 0, result.output
+        out = json.loads((tmp_path / "out" / f"lazsl-toy-test-deletion-{target}.json").read_text())
+        assert out["images"] == 2 and len(out["rows"]) == 2 and out["target"] == target
+        assert 0 < out["mean_area"] <= 1
     assert math.isclose(out["mean_difference"], out["mean_drop_explained"] - out["mean_drop_random"], abs_tol=1e-9)
     assert "explained region" in result.output
 

@@ -30,8 +30,9 @@ import click
               help="The run's seed (LaZSL: the crop seed).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value (repeatable).")
 @click.option("--ablation", default=None, metavar="NAME", help="Explain a named ablation of the method.")
-@click.option("--deletion", is_flag=True,
-              help="Also run the deletion test (grey out the explained region vs random ones) on these images.")
+@click.option("--deletion", type=click.Choice(["box", "window"]), default=None,
+              help="Also run the deletion test on these images: grey out the explained region (the top "
+                   "descriptor's top crop box, or the best quarter-area window of the evidence map) vs random ones.")
 @click.option("--backbone", metavar="ARCH", default=None, help="open_clip architecture (default: the dataset's).")
 @click.option("--pretrained", metavar="TAG|PATH|none", default=None, help="Weights of --backbone.")
 @click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True,
@@ -49,7 +50,7 @@ def explain(method, dataset, image, index, n_images, top, split_name, world, out
       czsl-bench explain lazsl --dataset synthetic --index 0
       czsl-bench explain lazsl --dataset synthetic --image wet_apple/test_3.png --top 3
       czsl-bench explain csp --dataset synthetic --n 16          # contact sheet
-      czsl-bench explain lazsl --dataset synthetic --n 200 --deletion   # faithfulness numbers
+      czsl-bench explain lazsl --dataset synthetic --n 200 --deletion box   # faithfulness numbers
     """
     from czsl_bench import explain as ex
     from czsl_bench.config import ConfigError, parse_overrides
@@ -98,13 +99,13 @@ def explain(method, dataset, image, index, n_images, top, split_name, world, out
         else:
             written.append(ex.contact_sheet(expls, split, out_dir / f"{stem}-sheet.png"))
             written.append(ex.write_json(expls, out_dir / f"{stem}-sheet.json"))
-        if deletion:
+        if deletion is not None:
             test = getattr(m, "deletion_test", None)
             if test is None:
                 raise click.ClickException(f"method {method!r} has no regions to delete; --deletion needs a "
                                            "region-based method (lazsl)")
-            result = test(ctx, split, indices)
-            written.append(ex.write_json(result, out_dir / f"{stem}-deletion.json"))
+            result = test(ctx, split, indices, target=deletion)
+            written.append(ex.write_json(result, out_dir / f"{stem}-deletion-{deletion}.json"))
             click.echo(f"deletion over {result['images']} images: explained region {result['mean_drop_explained']:.4f}"
                        f" vs random {result['mean_drop_random']:.4f} mean score drop "
                        f"(difference {result['mean_difference']:.4f} ± {result['difference_stderr']:.4f} s.e.)")
