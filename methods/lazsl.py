@@ -59,7 +59,9 @@ class LaZSLConfig:
     """LaZSL settings (spec-lazsl §1.7, §4.5). ``theta``, ``eps`` and the crop range are LaZSL's."""
 
     mode: Literal["joint", "factorized"] = "joint"
-    descriptors: Literal["bank", "template", "random"] = "bank"  # pair group: bank sentences / prompt / WaffleCLIP control
+    # pair group: the prompt (tier 0, spec §4.1) / the description bank's sentences / the WaffleCLIP
+    # control (bank sentences with their words replaced by random ones)
+    descriptors: Literal["template", "bank", "random"] = "template"
     text_bank: str = "dataset"  # "dataset" = the dataset's descriptions.json; or a .json/.jsonl/.pkl path
     pair_template: str = "a photo of {attr} {obj}"  # tier 0, and the fallback sentence of undescribed pairs
     attr_template: str = "a photo of a {attr} object"
@@ -111,11 +113,10 @@ class LaZSLConfig:
         if is_embedded(dataset):
             # 64-px images on a 2-core CPU: fewer crops (the encoder is the whole cost, spec §4.3);
             # theta and the group weights chosen on validation AUC (seed 0) over theta in
-            # {0.8, 0.5, 0.3} x w in {(1/3, 1/3, 1/3), (0.5, 0.25, 0.25), (0.6, 0.2, 0.2)} (docs/lazsl.md)
-            return cls(n_crops=32, theta=0.5, w_pair=0.5, w_attr=0.25, w_obj=0.25)
-        # LaZSL's released values (spec §1.7); no description bank ships with the real datasets,
-        # so the pair group is the CLIP prompt until --set descriptors=bank text_bank=PATH
-        return cls(descriptors="template")
+            # {0.8, 0.5, 0.3} x (w_pair, w_attr, w_obj) in {1/3 each, (0.5, 0.25, 0.25),
+            # (0.6, 0.2, 0.2)} (docs/lazsl.md)
+            return cls(n_crops=32, theta=0.5, w_pair=0.6, w_attr=0.2, w_obj=0.2)
+        return cls()  # LaZSL's released values (spec §1.7) and tier 0 text (spec §4.1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -974,8 +975,8 @@ class LaZSL(Method):
             "theta-1": {"theta": 1.0},  # regions only, no global term
             "factorized": {"mode": "factorized"},
             "grid": {"sampler": "grid"},
-            "template": {"descriptors": "template"},  # tier 0: no description bank
-            "random-text": {"descriptors": "random"},  # WaffleCLIP control
+            "bank": {"descriptors": "bank"},  # tier 2: the dataset's description bank
+            "random-text": {"descriptors": "random"},  # the WaffleCLIP control of "bank"
         }
 
 

@@ -69,12 +69,13 @@ def test_contract_defaults_and_ablations():
     assert not LaZSL().trains
     real = LaZSLConfig.defaults("mit-states")
     assert (real.n_crops, real.crop_min, real.crop_max, real.theta, real.eps) == (90, 0.6, 0.9, 0.8, 0.1)
-    assert real.descriptors == "template"  # no bank ships with the real datasets
+    assert real.descriptors == "template" and (real.w_pair, real.w_attr, real.w_obj) == (1 / 3, 1 / 3, 1 / 3)
     small = LaZSLConfig.defaults("synthetic")
-    assert small.descriptors == "bank" and small.n_crops == 32 and small.text_bank == "dataset"
+    assert small.descriptors == "template" and small.n_crops == 32 and small.text_bank == "dataset"
     grid = LaZSL.ablations()
     assert grid["no-ot"] == {"ot": False} and grid["no-vs"] == {"vision_selection": False}
-    assert grid["theta-1"] == {"theta": 1.0} and grid["random-text"] == {"descriptors": "random"}
+    assert grid["theta-1"] == {"theta": 1.0} and grid["bank"] == {"descriptors": "bank"}
+    assert grid["random-text"] == {"descriptors": "random"}
     for bad in (dict(theta=1.5), dict(crop_min=0.9, crop_max=0.5), dict(eps=0.0), dict(w_pair=-1.0),
                 dict(pair_template="a photo"), dict(grid=((0.5, 0),))):
         with pytest.raises(ValueError):
