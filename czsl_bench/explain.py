@@ -319,7 +319,7 @@ def contact_sheet(expls: list[dict[str, Any]], split: Any, path: str | Path) -> 
     n = len(expls)
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.1 * cols, 4.1 * rows), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, e in zip(axes.flat, expls):
@@ -337,7 +337,6 @@ def contact_sheet(expls: list[dict[str, Any]], split: Any, path: str | Path) -> 
     fig.suptitle(f"{expls[0].get('method')} on {split.name} ({expls[0].get('world', 'closed')} world): "
                  f"top-1 {sum(bool(e['top']) and e['top'][0]['pair'] == e['true_pair'] for e in expls)}/{n} "
                  "(raw scores among candidates, no bias)", fontsize=9)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -349,12 +348,20 @@ def _save(fig, path: str | Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120, format="png")
+        _readable(tmp)
         os.replace(tmp, target)
     finally:
         plt.close(fig)
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _readable(path: str) -> None:
+    # mkstemp creates 0600 files; an explanation is meant to be shared, so use the umask's mode
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def write_json(data: Any, path: str | Path) -> Path:
@@ -368,6 +375,7 @@ def write_json(data: Any, path: str | Path) -> Path:
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
+        _readable(tmp)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
