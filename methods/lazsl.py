@@ -223,7 +223,8 @@ def sinkhorn_plan(sim: Tensor, a: Tensor, b: Tensor, theta: float, eps: float, i
     similarities, and falls back to the log domain if the kernel scalings are not finite (one
     check per call). The last update is the column one, so column sums equal ``b`` to rounding.
     """
-    sol = _solve(sim.permute(1, 2, 0).float(), a.t().float(), b.t().float(), theta, eps, iters, solver)
+    sol = _solve(sim.permute(1, 2, 0).float().contiguous(), a.t().float().contiguous(), b.t().float().contiguous(),
+                 theta, eps, iters, solver)
     return sol.plan().permute(2, 0, 1)
 
 
