@@ -342,13 +342,98 @@ def training_fingerprint(identity: Any) -> str:
     return short_hash(data)
 
 
-def _run_spec(spec: RunSpec, opts: RunOptions) -> tuple[list[RunRecord], bool]:
+@dataclass
+class PreparedRun:
+    """One run up to scoring: what :func:`setup_run` and :func:`prepare_and_train` build. Used by
+    the harness and by ``explain`` (which must see exactly the model a run scores)."""
+
+    spec: RunSpec
+    plugin: Any
+    method_cls: Any
+    resolved: Any  # czsl_bench.config.Resolved
+    variant: str | None
+    device: Any
+    seed_info: Any
+    dataset: Any
+    arch: str
+    tag: str | None
+    backbone: Any
+    cache: Any
+    progress: Any
+    identities: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    method: Any = None
+    ctx: Any = None
+    fit: Any = None
+
+    @property
+    def config(self) -> Any:
+        return self.resolved.config
+
+
+def setup_run(spec: RunSpec, opts: RunOptions, lap: Any = None) -> PreparedRun:
+    """Resolve the config, seed, load the dataset and the backbone, build the identity per setting."""
     from czsl_bench.backbone import resolve_device
-    from czsl_bench.method import NullProgress, RunContext, check_method_class, parameter_counts
-    from czsl_bench.records import RunRecord, environment, find_existing, write_record
+    from czsl_bench.method import check_method_class
     from czsl_bench.registry import METHODS
     from czsl_bench.seeding import seed_everything
+
+    lap = lap or (lambda name: None)
+    method_cls = METHODS.get(spec.method)
+    check_method_class(method_cls, f"method {spec.method!r}")
+    plugin = dataset_plugin(spec.dataset)
+    resolved = resolve_method_config(method_cls, plugin, opts.overrides, opts.ablation, opts.config_file)
+    variant = opts.ablation if resolved.changed else None  # an ablation equal to the defaults is the plain run
+    device = resolve_device(opts.device)
+    seed_info = seed_everything(spec.seed, opts.deterministic)
+    dataset = load_dataset(plugin, opts.data_root)
+    lap("load_dataset")
+    arch, tag = default_backbone(plugin, opts.backbone, opts.pretrained)
+    backbone = _load_backbone(arch, tag, device)
+    cache = _feature_cache(opts.cache_dir)
+    lap("load_backbone")
+    identities = {s: run_identity(spec.method, resolved.config, plugin, dataset, backbone, arch, tag, s, spec.seed)
+                  for s in spec.settings}
+    return PreparedRun(spec, plugin, method_cls, resolved, variant, device, seed_info, dataset, arch, tag,
+                       backbone, cache, opts.progress, identities)
+
+
+def prepare_and_train(run: PreparedRun, opts: RunOptions, settings: Sequence[str], lap: Any = None) -> PreparedRun:
+    """``method.prepare``, then the shared Trainer if the method trains (checkpoints keyed by the
+    training fingerprint; ``opts.resume`` continues one)."""
+    from czsl_bench.method import NullProgress, RunContext
     from czsl_bench.training import Trainer
+
+    lap = lap or (lambda name: None)
+    progress = run.progress or NullProgress()
+    method = run.method_cls(run.config)
+    ctx = RunContext(dataset_name=run.plugin.name, dataset=run.dataset, backbone=run.backbone, config=run.config,
+                     seed=run.spec.seed, device=run.device, setting="+".join(settings), cache=run.cache,
+                     progress=progress, eval_batch_size=opts.eval_batch_size, num_workers=opts.num_workers,
+                     name_policy=run.plugin.name_policy)
+    method.prepare(ctx)
+    lap("prepare")
+    val_closed = ctx.split("val", "closed")
+
+    def validate(m: Any) -> dict[str, float]:
+        return _metrics(_evaluate(m, ctx, val_closed))
+
+    fit = None
+    if method.trains:
+        train_fp = training_fingerprint(run.identities[settings[0]])
+        trainer = Trainer(device=run.device, seed=run.spec.seed, validate=validate, progress=progress,
+                          checkpoint_dir=_checkpoint_dir(opts, run.spec, train_fp), resume=opts.resume,
+                          fingerprint=train_fp)
+        fit = trainer.fit(method, ctx)
+    method.train_mode(False)
+    lap("fit")
+    run.method, run.ctx, run.fit = method, ctx, fit
+    return run
+
+
+def _run_spec(spec: RunSpec, opts: RunOptions) -> tuple[list[RunRecord], bool]:
+    from czsl_bench.method import NullProgress, parameter_counts
+    from czsl_bench.records import RunRecord, environment, find_existing, write_record
 
     timings: dict[str, float] = {}
     t_start = clock = time.perf_counter()
@@ -359,81 +444,43 @@ def _run_spec(spec: RunSpec, opts: RunOptions) -> tuple[list[RunRecord], bool]:
         timings[name] = round(timings.get(name, 0.0) + now - clock, 3)
         clock = now
 
-    method_cls = METHODS.get(spec.method)
-    check_method_class(method_cls, f"method {spec.method!r}")
-    plugin = dataset_plugin(spec.dataset)
-    resolved = resolve_method_config(method_cls, plugin, opts.overrides, opts.ablation, opts.config_file)
-    config = resolved.config
-    explicit = {k: v for k, v in resolved.changed.items() if not resolved.sources[k].startswith("derived")}
-    variant = opts.ablation if resolved.changed else None  # an ablation equal to the defaults is the plain run
-    progress = opts.progress or NullProgress()
-    device = resolve_device(opts.device)
-    seed_info = seed_everything(spec.seed, opts.deterministic)
-
-    dataset = load_dataset(plugin, opts.data_root)
-    lap("load_dataset")
-    arch, tag = default_backbone(plugin, opts.backbone, opts.pretrained)
-    backbone = _load_backbone(arch, tag, device)
-    cache = _feature_cache(opts.cache_dir)
-    lap("load_backbone")
-
-    identities = {s: run_identity(spec.method, config, plugin, dataset, backbone, arch, tag, s, spec.seed)
-                  for s in spec.settings}
+    run = setup_run(spec, opts, lap)
+    resolved = run.resolved
     existing = {}
     if opts.skip_existing:
-        for s, ident in identities.items():
-            found = find_existing(opts.results_dir, ident, variant, resolved.changed)
+        for s, ident in run.identities.items():
+            found = find_existing(opts.results_dir, ident, run.variant, resolved.changed)
             if found is not None:
                 existing[s] = found
     todo = [s for s in spec.settings if s not in existing]
     if not todo:
         return [existing[s] for s in spec.settings], True
 
-    method = method_cls(config)
-    ctx = RunContext(dataset_name=plugin.name, dataset=dataset, backbone=backbone, config=config,
-                     seed=spec.seed, device=device, setting="+".join(todo), cache=cache,
-                     progress=progress, eval_batch_size=opts.eval_batch_size, num_workers=opts.num_workers,
-                     name_policy=plugin.name_policy)
-    method.prepare(ctx)
-    lap("prepare")
-
-    val_closed = ctx.split("val", "closed")
-
-    def validate(m: Any) -> dict[str, float]:
-        return _metrics(_evaluate(m, ctx, val_closed))
-
-    fit = None
-    if method.trains:
-        train_fp = training_fingerprint(identities[todo[0]])
-        trainer = Trainer(device=device, seed=spec.seed, validate=validate, progress=progress,
-                          checkpoint_dir=_checkpoint_dir(opts, spec, train_fp), resume=opts.resume,
-                          fingerprint=train_fp)
-        fit = trainer.fit(method, ctx)
-    method.train_mode(False)
-    lap("fit")
-
-    params = parameter_counts(method, backbone)
-    base = dict(method=spec.method, dataset=plugin.name, seed=spec.seed, variant=variant,
-                config=_config_dict(config), overrides=explicit,
-                backbone={"arch": arch, "pretrained": tag, **_backbone_info(backbone)},
+    prepare_and_train(run, opts, todo, lap)
+    method, ctx, fit, progress = run.method, run.ctx, run.fit, run.progress or NullProgress()
+    explicit = {k: v for k, v in resolved.changed.items() if not resolved.sources[k].startswith("derived")}
+    params = parameter_counts(method, run.backbone)
+    base = dict(method=spec.method, dataset=run.plugin.name, seed=spec.seed, variant=run.variant,
+                config=_config_dict(run.config), overrides=explicit,
+                backbone={"arch": run.arch, "pretrained": run.tag, **_backbone_info(run.backbone)},
                 chosen_epoch=fit.chosen_epoch if fit is not None else None, params=params)
-    env = environment(device)
+    env = environment(run.device)
     records: dict[str, RunRecord] = dict(existing)
     for setting in todo:
         clock = time.perf_counter()
         with progress.task(f"evaluate {setting} world (val, test)", total=1) as task:
             if setting == "closed":
-                val = _evaluate(method, ctx, val_closed)
+                val = _evaluate(method, ctx, ctx.split("val", "closed"))
                 test = _evaluate(method, ctx, ctx.split("test", "closed"))
                 threshold, provenance = None, {}
             else:
-                val, test, threshold, source = _evaluate_open(method, ctx, plugin, opts.threshold)
+                val, test, threshold, source = _evaluate_open(method, ctx, run.plugin, opts.threshold)
                 provenance = {"feasibility": source}
             task.advance()
         lap(f"evaluate_{setting}")
         run_timings = {k: v for k, v in timings.items() if not k.startswith("evaluate_") or k == f"evaluate_{setting}"}
         run_timings["total"] = round(time.perf_counter() - t_start, 3)
-        ident = identities[setting]
+        ident = run.identities[setting]
         if test.protocol != ident.protocol:
             raise RuntimeError(f"the evaluator reported protocol {test.protocol}, the identity {ident.protocol}")
         record = RunRecord(
@@ -442,8 +489,9 @@ def _run_spec(spec: RunSpec, opts: RunOptions) -> tuple[list[RunRecord], bool]:
             n_images={"val": val.n_images, "test": test.n_images},
             open_threshold=threshold, timings=run_timings, provenance=provenance,
             identity=ident.to_dict(), fingerprint=ident.fingerprint,
-            environment={**env, "seeding": {"seed": seed_info.seed, "deterministic": seed_info.deterministic},
-                         "training": fit.to_dict() if fit is not None else None},
+            environment={**env, "seeding": {"seed": run.seed_info.seed, "deterministic": run.seed_info.deterministic},
+                         "training": fit.to_dict() if fit is not None else None,
+                         **({"method": info} if (info := method.record_info()) else {})},
         )
         if opts.write:
             write_record(record, opts.results_dir)

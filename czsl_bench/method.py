@@ -243,6 +243,11 @@ class Method:
         """A JSON-ready account of why image ``index`` of ``split`` got its top pairs."""
         raise NotImplementedError(f"method {self.name!r} has no explain()")
 
+    def record_info(self) -> dict[str, Any]:
+        """JSON-ready facts about this run that the record keeps under ``environment.method``
+        (e.g. which description bank was read and how many pairs fell back); ``{}`` = none."""
+        return {}
+
     # -- Trainer hooks ----------------------------------------------------------------------------
     @property
     def trains(self) -> bool:

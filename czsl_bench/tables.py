@@ -44,7 +44,7 @@ METRIC_LABELS = {
 # Display names and the order of the papers' tables; unknown names sort after these, alphabetically.
 METHOD_LABELS = {
     "clip": "CLIP", "clip-zs": "CLIP", "coop": "CoOp", "csp": "CSP", "plid": "PLID",
-    "troika": "Troika", "cluspro": "ClusPro",
+    "troika": "Troika", "cluspro": "ClusPro", "lazsl": "LaZSL",
 }
 DATASET_LABELS = {"mit-states": "MIT-States", "ut-zappos": "UT-Zappos", "cgqa": "C-GQA", "synthetic": "Synthetic"}
 METHOD_ORDER = ("clip", "clip-zs", "coop", "csp", "plid", "troika", "cluspro")

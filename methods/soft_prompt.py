@@ -222,16 +222,21 @@ class SoftPromptMethod(CosineScoring, Method):
 
 
 def explain_scores(scores, split, index: int, top: int = 5) -> dict:
-    """Top pairs for one image with their scores, and where the true pair ranks."""
+    """Top pairs for one image with their scores, and where the true pair ranks (among the split's
+    candidate pairs, as the evaluator ranks them; no unseen bias)."""
     if not isinstance(scores, torch.Tensor):
-        scores = torch.cat([block for _, block in scores], dim=1)
-    row = scores[index]
-    order = row.argsort(descending=True)
+        scores = torch.cat([block[index:index + 1] for _, block in scores], dim=1)
+        index_row = 0
+    else:
+        index_row = index
+    row = scores[index_row].float()
+    order = torch.where(split.candidate_mask.bool(), row, torch.full_like(row, -float("inf"))).argsort(descending=True)
     gt = int(split.labels[index])
     return {
         "image": split.images[index],
         "true_pair": " ".join(split.pairs[gt]),
         "true_rank": int((order == gt).nonzero()[0, 0]) + 1,
+        "ranking": "by raw score among the split's candidate pairs (no unseen bias)",
         "top": [{"pair": " ".join(split.pairs[int(j)]), "score": float(row[j]),
                  "seen": bool(split.seen_mask[j])} for j in order[:top]],
     }
