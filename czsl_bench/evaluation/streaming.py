@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .metrics import (MAX_BIAS, EvalResult, _Inputs, _matches, _mean, bias_list, check_finite,
-                      finish, validate_inputs)
+                      finish, real_values, validate_inputs, vector_length)
 
 Blocks = Iterable[tuple[int, torch.Tensor]]
 BlockSource = Union[torch.Tensor, Callable[[], Blocks], Blocks]
@@ -126,7 +126,7 @@ class StreamingReducer:
         self.masking = feasibility is not None
         self.track_all_feasible = track_all_feasible
         if self.masking:
-            feas = torch.as_tensor(feasibility, dtype=torch.float32).cpu()
+            feas = real_values(feasibility, "feasibility").detach().to("cpu", torch.float32)
             if feas.shape != (n_pairs,):
                 raise ValueError(f"feasibility has shape {tuple(feas.shape)} but there are {n_pairs} "
                                  "pairs; pass one score per pair (open-world pair order)")
@@ -169,7 +169,7 @@ class StreamingReducer:
 
     # -- the pass ------------------------------------------------------------------------------
     def update(self, col_start: int, block: torch.Tensor) -> None:
-        block = torch.as_tensor(block)
+        block = real_values(block, f"the scores (block at column {col_start})")
         if block.dim() != 2 or block.shape[0] != self.n_images:
             raise ValueError(f"score block at column {col_start} has shape {tuple(block.shape)}; "
                              f"expected [{self.n_images}, b] (one row per image)")
@@ -412,8 +412,9 @@ def evaluate_stream(blocks: BlockSource, gt_pair, seen_mask, candidate_mask=None
     resolved exactly by re-reading a few rows). ``n_pairs`` defaults to ``len(seen_mask)``.
     """
     if n_pairs is None:
-        n_pairs = blocks.shape[1] if isinstance(blocks, torch.Tensor) and blocks.dim() == 2 else len(seen_mask)
-    n_images = len(gt_pair)
+        n_pairs = blocks.shape[1] if isinstance(blocks, torch.Tensor) and blocks.dim() == 2 \
+            else vector_length(seen_mask, "seen_mask")
+    n_images = vector_length(gt_pair, "gt_pair")
     red = StreamingReducer(n_images, n_pairs, gt_pair, seen_mask, candidate_mask, pair_attr,
                            pair_obj, topk, margin=margin)
     return red.consume(blocks).evaluate()
