@@ -18,6 +18,7 @@ dense one exactly, also on tie-heavy scores.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Union
 
@@ -234,9 +235,19 @@ class StreamingReducer:
         g.vals[rows], g.idx[rows] = v, i
 
     def consume(self, source: BlockSource) -> "StreamingReducer":
+        if isinstance(source, (str, bytes)):
+            raise ValueError(f"scores is a {type(source).__name__}; pass a tensor, column blocks or a "
+                             "callable returning them")
         self.source = source
-        for c0, block in _iterate(source):
-            self.update(c0, block)
+        for item in _iterate(source):
+            try:
+                c0, block = item
+            except (TypeError, ValueError):
+                c0 = None
+            if isinstance(c0, bool) or not isinstance(c0, numbers.Integral):
+                raise ValueError("score blocks must be (col_start, [N, b] tensor) pairs with an integer "
+                                 f"col_start; got {type(item).__name__} {str(item)[:40]}")
+            self.update(int(c0), block)
         if self._next_col != self.n_pairs:
             raise ValueError(f"score blocks covered {self._next_col} of {self.n_pairs} pair columns; "
                              "stream every column")
