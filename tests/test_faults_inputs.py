@@ -530,3 +530,57 @@ def test_fuzz_evaluate(entries, good, topk, threshold, feas):
             args += ["--feasibility", str(ff), "--threshold", threshold]
         res = CliRunner().invoke(cli, args)
     _assert_clean(res, (0, 1, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate on a dense matrix: the streaming reducer, identical to the literal protocol
+# ----------------------------------------------------------------------------------------------
+def _same_result(a, b) -> None:
+    da, db = a.as_dict(), b.as_dict()
+    assert da.keys() == db.keys()
+    for k in da:
+        x, y = da[k], db[k]
+        assert x == y or (isinstance(x, float) and x != x and y != y), (k, x, y)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("grid", [None, 1.0, 0.5], ids=["no-ties", "integer-ties", "half-integer-ties"])
+@pytest.mark.parametrize("topk", [1, 2])
+def test_evaluate_equals_the_literal_protocol(seed, grid, topk):
+    from czsl_bench.evaluation import evaluate, evaluate_dense
+
+    g = torch.Generator().manual_seed(seed)
+    n, p = 150, 40
+    s = 20 + 3 * torch.randn(n, p, generator=g)
+    if grid is not None:
+        s = torch.round(s / grid) * grid
+    seen = torch.rand(p, generator=g) < 0.5
+    seen[0], seen[1] = True, False
+    cand = (torch.rand(p, generator=g) < 0.8) | seen
+    cand[1] = True
+    ci = cand.nonzero().flatten()
+    gt = ci[torch.randint(len(ci), (n,), generator=g)]
+    s[torch.arange(n), gt] += 2 * torch.rand(n, generator=g)
+    pa, po = torch.arange(p) % 6, torch.arange(p) % 7
+    _same_result(evaluate(s, gt, seen, cand, pa, po, topk=topk), evaluate_dense(s, gt, seen, cand, pa, po, topk=topk))
+
+
+def test_evaluate_does_not_rescore_the_matrix_per_bias(monkeypatch):
+    from czsl_bench.evaluation import evaluate, metrics, streaming
+
+    rescored = []
+    real = metrics._matches
+
+    def counting(scores, inp, bias, *a, **kw):
+        rescored.append(scores.shape[0])
+        return real(scores, inp, bias, *a, **kw)
+
+    monkeypatch.setattr(metrics, "_matches", counting)
+    monkeypatch.setattr(streaming, "_matches", counting)
+    g = torch.Generator().manual_seed(0)
+    s = 20 + 3 * torch.randn(500, 300, generator=g)  # continuous scores: no tie to re-read
+    gt = torch.randint(300, (500,), generator=g)
+    s[torch.arange(500), gt] += 6 * torch.rand(500, generator=g)
+    seen = torch.arange(300) % 2 == 0
+    r = evaluate(s, gt, seen)
+    assert len(r.biases) > 10 and rescored == []  # the old dense path rescored all 500 rows per bias
