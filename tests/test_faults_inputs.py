@@ -584,3 +584,13 @@ def test_evaluate_does_not_rescore_the_matrix_per_bias(monkeypatch):
     seen = torch.arange(300) % 2 == 0
     r = evaluate(s, gt, seen)
     assert len(r.biases) > 10 and rescored == []  # the old dense path rescored all 500 rows per bias
+
+
+def test_run_records_name_the_cpu_kernels_torch_dispatches_to():
+    from czsl_bench.records import describe_device, environment
+
+    device = describe_device("cpu")
+    assert device["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert device["cpu_model"] and device["cpu_model"] != "" and "torch_threads" in device
+    assert "blas" in device or "onednn" in device or not torch.backends.mkldnn.is_available()
+    assert environment("cpu")["device"]["cpu_capability"] == device["cpu_capability"]
