@@ -7,15 +7,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
-import json
 import os
 import stat
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from czsl_bench import atomic
 from czsl_bench.cli import cli
 from czsl_bench.records import RunRecord, write_record
 
@@ -77,8 +78,7 @@ def test_every_writer_honours_the_umask(tmp_path, mask):
         cache = FeatureCache(tmp_path / "cache")
         entry = cache.put(cache.key(kind="test"), {"x": torch.zeros(3)})
         _toy_trainer_run(tmp_path / "ckpt")
-        text = atomic.atomic_write_text(tmp_path / "a.txt", "a")
-    for path in (record, tmp_path / "table.md", entry, tmp_path / "ckpt" / "last.pt", text):
+    for path in (record, tmp_path / "table.md", entry, tmp_path / "ckpt" / "last.pt"):
         assert _mode(path) == expected, (path, oct(_mode(path)), oct(expected))
 
 
@@ -118,6 +118,8 @@ class _FullDisk(io.RawIOBase):
 
 def _disk_with(monkeypatch, room: int) -> None:
     """Every atomic write from now on gets a file object that runs out of space after ``room`` bytes."""
+    from czsl_bench import atomic
+
     real = atomic._fdopen
 
     def fdopen(fd, mode, encoding=None):
@@ -130,7 +132,9 @@ def _disk_with(monkeypatch, room: int) -> None:
 def test_checkpoint_on_a_full_disk_says_disk_full_and_leaves_no_partial_file(tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt"
     _disk_with(monkeypatch, 200)
-    with pytest.raises(atomic.DiskFullError) as info:
+    from czsl_bench.atomic import DiskFullError
+
+    with pytest.raises(DiskFullError) as info:
         _toy_trainer_run(ckpt)
     message = str(info.value)
     assert message.startswith("disk full") and str(ckpt) in message, message
@@ -143,8 +147,10 @@ def test_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
     target = tmp_path / "r.json"
     target.write_text("old")
     _disk_with(monkeypatch, 3)
+    from czsl_bench.atomic import atomic_write_bytes
+
     with pytest.raises(OSError, match=r"^disk full: could not write r\.json in .*free space"):
-        atomic.atomic_write_bytes(target, b"new contents")
+        atomic_write_bytes(target, b"new contents")
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
 
 
@@ -264,7 +270,7 @@ def test_evaluate_refuses_a_0d_label_tensor(tmp_path):
     (torch.ones(4, 3, dtype=torch.bool), r"scores.* are boolean"),
     ("abc", "scores is a str"),
     ([[1.0, 2.0], [3.0]], "scores cannot be read as a numeric array|score blocks must be"),
-    (__import__("numpy").array([["a", "b", "c"]] * 4, dtype=object),
+    (np.array([["a", "b", "c"]] * 4, dtype=object),
      "scores cannot be read as a numeric array|score blocks must be"),
 ])
 def test_evaluate_api_validates_scores(scores, match):
@@ -431,9 +437,6 @@ def test_valid_seed_range_is_what_numpy_and_torch_accept():
 # ----------------------------------------------------------------------------------------------
 # fuzzing: whatever the input, the CLI ends with a result or one line, never a traceback
 # ----------------------------------------------------------------------------------------------
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 _CSP_KEYS = ["lr", "max_grad_norm", "score_block", "batch_size", "epochs", "attr_dropout", "optimizer",
              "amp", "select_metric", "grad_accum", "context_length", "weight_decay"]
