@@ -215,9 +215,9 @@ def test_skip_existing_sweep_reruns_over_a_deeply_nested_record(tmp_path):
 # `czsl-bench evaluate` and the evaluator API: bad input is one line
 # ----------------------------------------------------------------------------------------------
 def _golden():
-    from test_evaluator_golden import GT, SCORES, SEEN
-
-    return {"scores": SCORES, "gt_pair": GT, "seen_mask": SEEN}
+    """The hand-derived problem of test_evaluator_golden (AUC 0.75): 4 images, 3 pairs."""
+    scores = torch.tensor([[5.0, 3.0, 4.0], [2.0, 6.0, 1.0], [3.0, 1.0, 2.5], [1.0, 2.0, 4.0]])
+    return {"scores": scores, "gt_pair": torch.tensor([0, 1, 2, 2]), "seen_mask": torch.tensor([True, True, False])}
 
 
 def _evaluate_file(tmp_path, data, *args):
@@ -333,12 +333,13 @@ def _float_fields(config_cls):
     return [k for k, tp in _field_types(config_cls).items() if tp is float]
 
 
-@pytest.mark.parametrize("method", ["clip", "coop", "csp", "troika", "cluspro", "cluspro-base"])
+@pytest.mark.parametrize("method", ["coop", "csp", "troika", "cluspro", "cluspro-base"])  # clip has none
 def test_every_float_field_refuses_nan_and_inf(method):
     from czsl_bench.config import ConfigError, parse_overrides
     from czsl_bench.registry import METHODS
 
     cls = METHODS.get(method).Config
+    assert len(_float_fields(cls)) >= 5
     for key in _float_fields(cls):
         for bad in ("nan", "inf", "-inf", "1e999"):
             with pytest.raises(ConfigError, match=rf"^{key}: expected a finite float, got '{bad}'$"):
@@ -406,7 +407,6 @@ def test_python_api_refuses_bad_values_before_running():
     ("0-99999999999999999999999", "is too large"),
     ("1_000", "seed '1_000' is not an integer"),
     ("٣", "seed '٣' is not an integer"),
-    (",", "no seed given"),
 ])
 def test_bad_seeds_are_instant_usage_errors(seed, match):
     import time
