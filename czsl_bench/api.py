@@ -19,6 +19,9 @@ trains once.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +31,11 @@ from typing import Any
 from czsl_bench.records import RunRecord
 
 SETTINGS = ("closed", "open")
+# Seeds are what np.random.seed accepts (torch takes more); seeding.seed_everything agrees.
+SEED_LIMIT = 2**32
+MAX_SEEDS = 1000
+_SEED = re.compile(r"[0-9]+", re.ASCII)  # ASCII digits only: int() would also take "٣" or "1_0"
+_SEED_RANGE = re.compile(r"([0-9]+)\s*-\s*([0-9]+)", re.ASCII)
 
 
 class RunError(RuntimeError):
@@ -69,6 +77,19 @@ class RunOptions:
     eval_batch_size: int = 256
     num_workers: int = 0
 
+    def __post_init__(self) -> None:
+        # checked here, before any run: the threshold is only read after training
+        if self.threshold is not None:
+            check_threshold(self.threshold)
+
+
+def check_threshold(value: Any) -> float:
+    """An open-world feasibility threshold must be a finite number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"threshold {value!r} is not a finite number; pass e.g. 0.4069, or None to "
+                         "search it on validation")
+    return float(value)
+
 
 @dataclass
 class Outcome:
@@ -97,38 +118,79 @@ def split_names(value: str | Iterable[str]) -> list[str]:
 
 
 def parse_seeds(value: int | str | Iterable[int]) -> list[int]:
-    """``0``, ``"0,1,2"``, ``"0-4"`` or ``[0, 1]`` → a list of non-negative ints."""
+    """``0``, ``"0,1,2"``, ``"0-4"`` or ``[0, 1]`` → a list of distinct seeds in ``[0, 2**32)``.
+
+    At most :data:`MAX_SEEDS` of them: a typo such as ``0-100000`` is refused at once instead of
+    planning a sweep that cannot finish.
+    """
     if isinstance(value, bool):
         raise ValueError(f"seed {value!r} is not an integer")
-    if isinstance(value, int):
-        items: list[Any] = [value]
+    seeds: dict[int, None] = {}  # insertion-ordered set: order kept, duplicates dropped in O(1)
+
+    def check(seed: int) -> int:
+        if seed < 0:
+            raise ValueError(f"seed {seed} is negative; seeds are integers in [0, {SEED_LIMIT - 1}]")
+        if seed >= SEED_LIMIT:
+            raise ValueError(f"seed {seed} is too large; seeds are integers in [0, {SEED_LIMIT - 1}] "
+                             "(the range NumPy's seeding accepts)")
+        return seed
+
+    def add(seed: int) -> None:
+        seeds[check(seed)] = None
+        if len(seeds) > MAX_SEEDS:
+            raise ValueError(f"more than {MAX_SEEDS} seeds in one call; run fewer (e.g. --seed 0-9)")
+
+    if isinstance(value, numbers.Integral):
+        add(int(value))
     elif isinstance(value, str):
-        items = []
         for part in value.split(","):
             part = part.strip()
-            if "-" in part[1:]:
-                lo, _, hi = part.partition("-")
-                try:
-                    items.extend(range(int(lo), int(hi) + 1))
-                except ValueError:
-                    raise ValueError(f"seed range {part!r} is not LOW-HIGH; write e.g. --seed 0-4") from None
-            elif part:
-                items.append(part)
+            if not part:
+                continue
+            single, span = _SEED.fullmatch(part), _SEED_RANGE.fullmatch(part)
+            if single:
+                add(_digits(part))
+            elif span:
+                lo, hi = _digits(span[1]), _digits(span[2])
+                if lo > hi:
+                    raise ValueError(f"seed range {part!r} is empty (LOW > HIGH); write it as {hi}-{lo}")
+                if hi - lo + 1 > MAX_SEEDS:  # before expanding: a huge range must cost nothing
+                    raise ValueError(f"seed range {part!r} has {hi - lo + 1} seeds, more than {MAX_SEEDS} "
+                                     "in one call; run fewer (e.g. --seed 0-9)")
+                check(hi)
+                for seed in range(lo, hi + 1):
+                    add(seed)
+            elif part.startswith("-") and _SEED.fullmatch(part[1:]):
+                add(-_digits(part[1:]))
+            elif "-" in part[1:]:
+                raise ValueError(f"seed range {part!r} is not LOW-HIGH; write e.g. --seed 0-4")
+            else:
+                raise ValueError(f"seed {part!r} is not an integer; write e.g. --seed 0,1,2")
     else:
-        items = list(value)
-    seeds: list[int] = []
-    for item in items:
         try:
-            seed = int(item)
-        except (TypeError, ValueError):
-            raise ValueError(f"seed {item!r} is not an integer; write e.g. --seed 0,1,2") from None
-        if seed < 0:
-            raise ValueError(f"seed {seed} is negative; seeds are non-negative integers")
-        if seed not in seeds:
-            seeds.append(seed)
+            items = iter(value)
+        except TypeError:
+            raise ValueError(f"seed {value!r} is not an integer or a list of integers; "
+                             "write e.g. 0 or [0, 1]") from None
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, (numbers.Integral, str)):
+                raise ValueError(f"seed {item!r} is not an integer; write e.g. [0, 1, 2]")
+            if isinstance(item, str) and not _SEED.fullmatch(item.strip()):
+                raise ValueError(f"seed {item!r} is not an integer; write e.g. --seed 0,1,2")
+            add(_digits(item.strip()) if isinstance(item, str) else int(item))
     if not seeds:
         raise ValueError("no seed given; write e.g. --seed 0,1,2")
-    return seeds
+    return list(seeds)
+
+
+def _digits(text: str) -> int:
+    # int() of thousands of digits is slow and then refused with Python's own message; anything
+    # this long is out of range anyway
+    digits = text.lstrip("0") or "0"
+    if len(digits) > 20:
+        raise ValueError(f"seed {digits[:12]}... ({len(digits)} digits) is too large; seeds are integers "
+                         f"in [0, {SEED_LIMIT - 1}] (the range NumPy's seeding accepts)")
+    return int(digits)
 
 
 def parse_setting(setting: str) -> tuple[str, ...]:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from czsl_bench.config import at_least
 from czsl_bench.method import Method, RunContext, TrainConfig, iter_column_blocks
 from czsl_bench.names import clean_name
 
@@ -121,9 +122,9 @@ class SoftPromptConfig(TrainConfig):
     """CSP-codebase training settings (docs/methods.md) plus the prompt's own."""
 
     attr_dropout: float = 0.0
-    context_length: int = 8  # training prompts are cut here (no effect on the features)
-    text_batch_size: int = 1024  # pairs per text-encoder call when scoring
-    score_block: int = 50_000  # open worlds with more pairs are scored as column blocks
+    context_length: int = at_least(1, 8)  # training prompts are cut here (no effect on the features)
+    text_batch_size: int = at_least(1, 1024)  # pairs per text-encoder call when scoring
+    score_block: int = at_least(1, 50_000)  # open worlds with more pairs are scored as column blocks
 
 
 # docs/methods.md: epochs 20, batch 64 x accumulation 2 (effective 128), weight decay 1e-5,

@@ -12,6 +12,8 @@ import time
 
 import click
 
+from czsl_bench.cli.params import FINITE_FLOAT
+
 
 def _split_seed(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
     from czsl_bench.api import parse_seeds
@@ -45,7 +47,7 @@ def _split_seed(ctx: click.Context, param: click.Parameter, value: str) -> list[
 @click.option("--resume", is_flag=True, help="Continue training from the last epoch checkpoint.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--deterministic", is_flag=True, help="Deterministic torch kernels (slower on GPU).")
-@click.option("--threshold", type=float, default=None,
+@click.option("--threshold", type=FINITE_FLOAT, default=None,
               help="Open world: use this feasibility threshold instead of searching it on val.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help="Dataset root (default: $CZSL_DATA/<name> or the dataset's cache).")
