@@ -1,4 +1,4 @@
-"""The committed run records in results/ reproduce, within the tolerances docs/results.md
+"""The committed reference records in results/reference/ reproduce, within the tolerances docs/results.md
 ("Reproducibility") states, one test per method family.
 
 Every number compared here is read from the committed record (never written into this file), so
@@ -25,7 +25,7 @@ import torch
 
 import czsl_bench
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference"
 ACCURACIES = ("best_seen", "best_unseen", "best_hm", "auc", "attr_acc", "obj_acc")
 
 # docs/results.md, Reproducibility: the tolerances across machines (the same CPU kernels, library
@@ -37,9 +37,8 @@ FULL_RUN_ABS = 1e-2  # after 4 epochs: about one seed std of the trained methods
 
 
 def _committed(method: str) -> dict:
-    path = RESULTS / method / "synthetic" / "closed" / "seed0.json"
-    if not path.is_file():
-        pytest.skip(f"no committed record {path}")
+    path = REFERENCE / method / "synthetic" / "czsl-tiny-vit-synthetic" / "closed" / "seed0.json"
+    assert path.is_file(), f"the committed reference record {path} is missing"
     return json.loads(path.read_text())
 
 
@@ -71,6 +70,7 @@ def test_short_runs_reproduce_their_committed_record(method, private_cache):
     committed = _committed(method)
     record = _rerun(method, committed)
     assert record.config == committed["config"], "the defaults changed since the record was written"
+    assert record.fingerprint == committed["fingerprint"], "not the same run (identity differs)"
     for split in ("val", "test"):
         _close(record.metrics[split], committed["metrics"][split], SHORT_RUN_ABS, f"{method} {split}")
 
