@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, str] = {
     "ablate": "czsl_bench.cli.ablate:ablate",
     "run": "czsl_bench.cli.run:run",
     "records": "czsl_bench.cli.records:records",
+    "jobs": "czsl_bench.cli.jobs:jobs",
 }
 
 
