@@ -455,15 +455,17 @@ class CellPlan:
         return all(self.existing.values())
 
 
-def identify(specs: Sequence[RunSpec], opts: RunOptions) -> list[CellPlan]:
+def identify(specs: Sequence[RunSpec], opts: RunOptions, loaded: dict[Any, Any] | None = None) -> list[CellPlan]:
     """The :class:`CellPlan` of each spec, as :func:`execute` would compute it, without running:
     each dataset and backbone is loaded once (on the CPU: the weights hash does not depend on the
-    device), so planning a grid costs one load per dataset and backbone, not one per cell."""
+    device), so planning a grid costs one load per dataset and backbone, not one per cell.
+    ``loaded`` keeps those loads across calls (an ablation grid plans one call per point)."""
     from czsl_bench.records import find_existing, record_path
     from czsl_bench.registry import METHODS
 
-    datasets: dict[str, Any] = {}
-    backbones: dict[tuple[str, str | None], Any] = {}
+    loaded = {} if loaded is None else loaded
+    datasets: dict[str, Any] = loaded.setdefault("datasets", {})
+    backbones: dict[tuple[str, str | None], Any] = loaded.setdefault("backbones", {})
     plans = []
     for spec in specs:
         method_cls = METHODS.get(spec.method)

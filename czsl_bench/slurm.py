@@ -36,6 +36,8 @@ from typing import Any, Iterable
 from czsl_bench.sweep import QueueEntry, Submission, Sweep, write_status
 
 SUBMITIT_HINT = "pip install 'czsl-bench[slurm]' (or pip install submitit)"
+# seconds a probe job may have left the queue before its answer shows (network filesystems cache)
+_PROBE_GRACE = 10.0
 _MEM_RE = re.compile(r"^\d+(\.\d+)?[KMGT]?B?$", re.IGNORECASE)
 
 
@@ -235,7 +237,7 @@ def probe(results_dir: str | Path, cfg: SlurmConfig, timeout: float | None = Non
             if entry is None:
                 # left the queue: give a network filesystem a few seconds to show its answer
                 gone_since = gone_since or time.monotonic()
-                if time.monotonic() - gone_since > 10:
+                if time.monotonic() - gone_since > _PROBE_GRACE:
                     raise SlurmError(
                         f"the results folder {Path(results_dir).resolve()} is not visible from the compute nodes "
                         f"(or they lack {sys.executable} with czsl-bench): probe job {job} ended without "
