@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from czsl_bench.identity import short_hash
+from czsl_bench.hashing import short_hash
 
 
 @dataclass(frozen=True)

@@ -273,6 +273,20 @@ def resolve_method_config(method_cls: Any, dataset: str, overrides: Sequence[str
     return resolve(method_cls, plugin.recipe, config_file, ablation, overrides)
 
 
+def resolve_grid(specs: Iterable[RunSpec], overrides: Sequence[str] | dict[str, Any] | None = None,
+                 ablation: str | None = None, config_file: str | Path | None = None) -> dict[tuple[str, str], Any]:
+    """The resolved config of every (method, dataset) of ``specs``, keyed so; raises the first
+    :class:`~czsl_bench.config.ConfigError` (one line) before anything runs."""
+    from czsl_bench.registry import METHODS
+
+    out: dict[tuple[str, str], Any] = {}
+    for spec in specs:
+        key = (spec.method, spec.dataset)
+        if key not in out:
+            out[key] = resolve_method_config(METHODS.get(spec.method), spec.dataset, overrides, ablation, config_file)
+    return out
+
+
 def default_backbone(dataset: Any, backbone: str | None, pretrained: str | None) -> tuple[str, str | None]:
     """The backbone of a run: explicit values, else the dataset plugin's declared default.
 
@@ -321,7 +335,7 @@ def _method_track(method: str) -> str:
 def training_fingerprint(identity: Any) -> str:
     """What a checkpoint must agree with to be resumed: the identity without the evaluation
     fields (setting, protocol, feasibility), so both settings of a run share one training."""
-    from czsl_bench.identity import short_hash
+    from czsl_bench.hashing import short_hash
 
     data = identity.to_dict()
     for name in ("setting", "protocol", "feasibility"):

@@ -21,7 +21,6 @@ program itself is never executed.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import socket
@@ -35,6 +34,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from czsl_bench.hashing import tensors_sha256
 
 __all__ = [
     "Backbone",
@@ -50,7 +51,6 @@ __all__ = [
     "register_packaged_configs",
     "resolve_device",
     "resolve_precision",
-    "state_dict_hash",
 ]
 
 log = logging.getLogger(__name__)
@@ -436,7 +436,7 @@ class Backbone(nn.Module):
         once on first use (about 1 s per GB of weights).
         """
         if self._weights_hash is None:
-            self._weights_hash = state_dict_hash(self.model.state_dict())
+            self._weights_hash = tensors_sha256(self.model.state_dict())
         return self._weights_hash
 
     def describe_preprocess(self) -> dict:
@@ -695,18 +695,6 @@ class Backbone(nn.Module):
 
     def extra_repr(self) -> str:
         return f"arch={self.arch!r}, weights={self.weights_source!r}, device={self.device}, precision={self.precision}"
-
-
-def state_dict_hash(state: dict[str, Tensor]) -> str:
-    """sha256 over ``name, dtype, shape, bytes`` of each tensor in name order."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach()
-        h.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}\n".encode())
-        flat = t.to("cpu").contiguous().reshape(-1)
-        if flat.numel():
-            h.update(memoryview(flat.view(torch.uint8).numpy()))
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

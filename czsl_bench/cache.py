@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from czsl_bench.atomic import atomic_path
+from czsl_bench.hashing import sha256_lines, tensors_sha256
 from czsl_bench.names import clean_name
 
 if TYPE_CHECKING:
@@ -50,8 +51,6 @@ __all__ = [
     "pair_prompts",
     "pair_text_features",
     "split_image_features",
-    "sha256_lines",
-    "tensors_checksum",
     "tokenize_prompts",
 ]
 
@@ -85,29 +84,8 @@ def _canonical(value: Any, where: str = "parts") -> Any:
         return str(value)
     raise TypeError(
         f"cache key part {where} is a {type(value).__name__}; use str, int, float, bool, None, lists or dicts "
-        "(hash large inputs with czsl_bench.cache.sha256_lines first)"
+        "(hash large inputs with czsl_bench.hashing.sha256_lines first)"
     )
-
-
-def sha256_lines(lines: Sequence[str]) -> str:
-    """sha256 of ``lines`` joined by newlines: the way large lists enter a cache key."""
-    h = hashlib.sha256()
-    for line in lines:
-        h.update(line.encode("utf-8"))
-        h.update(b"\n")
-    return h.hexdigest()
-
-
-def tensors_checksum(tensors: Mapping[str, Tensor]) -> str:
-    """sha256 over ``name, dtype, shape, bytes`` of each tensor, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        flat = t.to("cpu").contiguous().reshape(-1)
-        if flat.numel():
-            h.update(memoryview(flat.view(torch.uint8).numpy()))
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -164,7 +142,7 @@ class FeatureCache:
             tensors = load_file(str(path), device="cpu")
             if header.get("czsl_cache_format") != str(CACHE_FORMAT_VERSION):
                 raise ValueError(f"format {header.get('czsl_cache_format')!r}")
-            if header.get("sha256") != tensors_checksum(tensors):
+            if header.get("sha256") != tensors_sha256(tensors):
                 raise ValueError("checksum mismatch")
         except Exception as exc:  # noqa: BLE001 - any unreadable entry is rebuilt, not read
             log.warning("cache entry %s is unreadable (%s); deleting it and recomputing", path.name, exc)
@@ -201,7 +179,7 @@ class FeatureCache:
         header = {
             "czsl_cache_format": str(CACHE_FORMAT_VERSION),
             "key": key,
-            "sha256": tensors_checksum(ready),
+            "sha256": tensors_sha256(ready),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "parts": json.dumps(_canonical(dict(parts or {})), sort_keys=True),
             "meta": json.dumps(_canonical(dict(meta or {})), sort_keys=True),

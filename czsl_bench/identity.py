@@ -20,24 +20,14 @@ Pure Python, no torch.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
+
+from czsl_bench.hashing import canonical_json, short_hash
 
 IDENTITY_VERSION = 1
 TRACKS = ("inductive", "transductive")
 UNKNOWN = None  # a field a migrated (schema v1) record could not know
-
-
-def canonical_json(value: Any) -> str:
-    """Key-sorted, whitespace-free JSON: the bytes a fingerprint hashes (floats as repr)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
-def short_hash(value: Any, length: int = 16) -> str:
-    """sha256 of :func:`canonical_json` of ``value``, hex, first ``length`` characters."""
-    return hashlib.sha256(canonical_json(value).encode("utf-8")).hexdigest()[:length]
 
 
 @dataclass(frozen=True)

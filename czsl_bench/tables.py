@@ -263,14 +263,14 @@ def _assemble(agg: pd.DataFrame, row_order: list[str], dataset_order: list[str],
         names=[row_title, None],
     )
     frames = {}
-    for field in ("mean", "std", "n"):
+    for stat in ("mean", "std", "n"):
         frame = pd.DataFrame(math.nan, index=pd.Index(row_order), columns=columns, dtype=float)
         for rec in agg.itertuples(index=False):
             key = (dataset_label(rec.dataset), METRIC_LABELS.get(rec.metric, rec.metric))
             if rec.row in frame.index and key in frame.columns:
-                value = getattr(rec, field)
+                value = getattr(rec, stat)
                 frame.loc[rec.row, key] = math.nan if value is None else float(value)
-        frames[field] = frame
+        frames[stat] = frame
     return ResultTable(frames["mean"], frames["std"], frames["n"], setting, split, tuple(metrics), rows, title)
 
 

@@ -14,11 +14,12 @@ loaders drop them silently), duplicate pair lines.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from czsl_bench.hashing import sha256_file
 
 from .czsl_format import (
     IMAGE_DIR,
@@ -138,14 +139,6 @@ class CheckReport:
 
 class _FailFast(Exception):
     """Stops an inspection at its first error (loading needs only one message)."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def canonical_checksums(plugin: StandardDataset) -> dict[str, str]:

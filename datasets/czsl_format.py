@@ -39,6 +39,7 @@ import torch
 import torch.utils.data
 
 from czsl_bench.atomic import atomic_write_text
+from czsl_bench.hashing import sha256_file
 
 SPLIT_DIR = "compositional-split-natural"
 METADATA_FILE = "metadata_compositional-split-natural.t7"
@@ -292,7 +293,7 @@ def load_metadata(path: str | os.PathLike, fix: str = "", cache: bool = True) ->
     cache_dir = _metadata_cache_dir() if cache else None
     digest = None
     if cache_dir is not None:
-        digest = _sha256(path)
+        digest = sha256_file(path)
         cached = _read_metadata_cache(cache_dir, digest)
         if cached is not None:
             _validate_records(cached, path, fix)
@@ -302,14 +303,6 @@ def load_metadata(path: str | os.PathLike, fix: str = "", cache: bool = True) ->
     if cache_dir is not None and digest is not None:
         _write_metadata_cache(cache_dir, digest, records)
     return records
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _torch_load_metadata(path: Path, fix: str) -> Any:
@@ -354,7 +347,7 @@ def _validate_records(records: Any, path: Path, fix: str) -> None:
         for key in REQUIRED_KEYS:
             value = rec.get(key)
             if not isinstance(value, str):
-                problem = "lacks key" if key not in rec else f"has a non-string value for key"
+                problem = "lacks key" if key not in rec else "has a non-string value for key"
                 raise DatasetError(_with_fix(
                     f"metadata file {path}: record {i} {problem} {key!r} (record {_short(rec)}); "
                     "replace it with the official file", fix))
@@ -504,8 +497,6 @@ class CZSLDataset:
         (image, attr, obj) list. Part of a run's identity: two copies of a dataset with equal
         versions give a method the same inputs up to the image bytes (``data check`` verifies
         those). Independent of where the copy lives."""
-        import hashlib
-
         if self._version is None:
             h = hashlib.sha256()
             for split in ("train", "val", "test"):

@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING
 
 from czsl_bench.atomic import atomic_file, atomic_write_bytes
 
-from .check import CheckReport, inspect_dataset, sha256_file
+from czsl_bench.hashing import sha256_file
+
+from .check import CheckReport, inspect_dataset
 from .czsl_format import METADATA_FILE, SPLIT_DIR, SPLITS, DatasetError, RootGuard, load_metadata
 
 if TYPE_CHECKING:
@@ -226,7 +228,7 @@ def install_split_files(plugin: StandardDataset, root: Path, tarball: Path | Non
         if dest.is_file() and sha256_file(dest) == sha256_file(src):
             continue
         atomic_write_bytes(dest, src.read_bytes())
-    log(f"splits: installed the canonical split files and metadata shipped with czsl-bench")
+    log("splits: installed the canonical split files and metadata shipped with czsl-bench")
 
 
 def _safe_parts(name: str) -> list[str] | None:

@@ -67,18 +67,14 @@ def run(methods, dataset, seed, setting, backbone, pretrained, overrides, config
       czsl-bench run clip,csp --dataset all --seed 0-4 --executor slurm --partition gpu --gpus 1 --time 2:00:00
     """
     from czsl_bench import api
-    from czsl_bench.config import ConfigError, parse_overrides
-    from czsl_bench.registry import METHODS, RegistryError
+    from czsl_bench.config import ConfigError
+    from czsl_bench.registry import RegistryError
 
     try:
         specs, missing = api.plan(methods, dataset, seed, setting, data_root)
-        for name in api.split_names(methods):  # bad --set keys are usage errors: check them all first
-            cls = METHODS.get(name)
-            parse_overrides(list(overrides), cls.Config)
-            if ablation is not None and ablation not in cls.ablations():
-                known = ", ".join(sorted(cls.ablations())) or "none"
-                raise click.BadParameter(f"method {name!r} has no ablation {ablation!r}; known: {known}",
-                                         param_hint="--ablation")
+        # every config of the grid resolved up front: a bad --set, config file or ablation is a
+        # usage error before anything trains
+        api.resolve_grid(specs, list(overrides), ablation, config_file)
     except (RegistryError, ConfigError) as exc:
         raise click.UsageError(str(exc)) from None
     except ValueError as exc:
