@@ -41,7 +41,7 @@ _PROBE_GRACE = 10.0
 _MEM_RE = re.compile(r"^\d+(\.\d+)?[KMGT]?B?$", re.IGNORECASE)
 
 
-class SlurmError(RuntimeError):
+class SlurmError(ValueError):
     """The cluster cannot take the sweep as configured; one line saying what and how to fix it."""
 
 
@@ -427,7 +427,11 @@ def wait(sweep: Sweep, timeout: float, poll: float = 2.0, on_change: Any = None)
     deadline = time.monotonic() + timeout
     last = None
     while True:
-        states = cell_states(sweep, sweep_queue(sweep))
+        queue = sweep_queue(sweep)
+        if queue is None:
+            raise SlurmError("squeue is not available here, so the end of the tasks cannot be seen; "
+                             "wait on the cluster's login node (or drop --wait)")
+        states = cell_states(sweep, queue)
         summary = [s.state for s in states]
         if on_change is not None and summary != last:
             on_change(states)

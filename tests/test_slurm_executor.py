@@ -179,6 +179,8 @@ def test_jobs_lists_a_sweep_without_squeue(monkeypatch, tmp_path):
     assert result.exit_code == 1
     assert "squeue is not available here" in result.output
     assert "failed" in result.output and "boom: one line" in result.output and "9_1_0_log.out" in result.output
+    waiting = CliRunner().invoke(cli, ["jobs", "--results-dir", str(results), "--wait"])
+    assert waiting.exit_code == 1 and "squeue is not available here, so the end" in waiting.output
     refused = CliRunner().invoke(cli, ["jobs", "resubmit", "--results-dir", str(results)])
     assert refused.exit_code == 1 and "squeue is not available" in refused.output
     unknown = CliRunner().invoke(cli, ["jobs", "--results-dir", str(results), "--sweep", "nope"])
