@@ -326,7 +326,9 @@ def preview(sweep: Sweep, cells: list[int], cfg: SlurmConfig) -> str:
     except ImportError:
         flags = "\n".join(f"#   {k} = {v}" for k, v in sorted(params.items()))
         return f"# submitit is not installed ({SUBMITIT_HINT}); the array's parameters:\n{flags}\n"
-    return _make_sbatch_string(command=command, folder=str(sweep.logs_dir), map_count=len(cells), **params)
+    # submitit submits a single cell as a plain job, not as an array of one
+    return _make_sbatch_string(command=command, folder=str(sweep.logs_dir),
+                               map_count=len(cells) if len(cells) > 1 else None, **params)
 
 
 def submit(sweep: Sweep, cells: list[int], cfg: SlurmConfig, command: list[str]) -> Submission:

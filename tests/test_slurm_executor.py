@@ -132,6 +132,21 @@ def test_dry_run_prints_the_cells_and_the_array_and_writes_nothing(tmp_path):
     assert not results.exists()
 
 
+def test_ablate_dry_run_plans_one_task_per_configuration_and_seed(tmp_path):
+    result = CliRunner().invoke(cli, ["ablate", "csp", "--dataset", "synthetic", "--seed", "0,1", "--set", "epochs=1",
+                                      "--results-dir", str(tmp_path), "--executor", "slurm", "--dry-run",
+                                      "--slurm-config", str(_write(tmp_path / "s.json", '{"partition": "gpu", "gpus": 1}'))])
+    assert result.exit_code == 0, result.output
+    assert "task 0: no-dropout synthetic seed0" in result.output and "task 1: no-dropout synthetic seed1" in result.output
+    assert "#SBATCH --array=0-1%2" in result.output and "#SBATCH --partition=gpu" in result.output
+    assert not (tmp_path / ".sweeps").exists()
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
 # -- a sweep's states --------------------------------------------------------------------------------
 
 
