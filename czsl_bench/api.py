@@ -76,6 +76,7 @@ class RunOptions:
     progress: Any = None
     eval_batch_size: int = 256
     num_workers: int = 0
+    provenance: dict[str, Any] | None = None  # added to every record's provenance (a sweep's executor)
 
     def __post_init__(self) -> None:
         # checked here, before any run: the threshold is only read after training
@@ -549,7 +550,7 @@ def _run_spec(spec: RunSpec, opts: RunOptions) -> tuple[list[RunRecord], bool]:
             **base, setting=setting, protocol=test.protocol,
             metrics={"val": _metrics(val), "test": _metrics(test)},
             n_images={"val": val.n_images, "test": test.n_images},
-            open_threshold=threshold, timings=run_timings, provenance=provenance,
+            open_threshold=threshold, timings=run_timings, provenance={**provenance, **(opts.provenance or {})},
             identity=ident.to_dict(), fingerprint=ident.fingerprint,
             environment={**env, "seeding": {"seed": run.seed_info.seed, "deterministic": run.seed_info.deterministic},
                          "training": fit.to_dict() if fit is not None else None,
@@ -559,6 +560,67 @@ def _run_spec(spec: RunSpec, opts: RunOptions) -> tuple[list[RunRecord], bool]:
             write_record(record, opts.results_dir)
         records[setting] = record
     return [records[s] for s in spec.settings], False
+
+
+@dataclass
+class CellPlan:
+    """What a run of one spec would produce, known before running it: the identity, record path
+    and fingerprint per setting, the training checkpoint folder, and which records already exist."""
+
+    spec: RunSpec
+    variant: str | None
+    identities: dict[str, Any]  # setting -> RunIdentity
+    paths: dict[str, Path]  # setting -> where its record is written
+    existing: dict[str, bool]  # setting -> a record with that fingerprint is there
+    checkpoint: Path | None  # the Trainer's folder (None: the method does not train)
+
+    @property
+    def done(self) -> bool:
+        return all(self.existing.values())
+
+
+def identify(specs: Sequence[RunSpec], opts: RunOptions, loaded: dict[Any, Any] | None = None) -> list[CellPlan]:
+    """The :class:`CellPlan` of each spec, as :func:`execute` would compute it, without running:
+    each dataset and backbone is loaded once (on the CPU: the weights hash does not depend on the
+    device), so planning a grid costs one load per dataset and backbone, not one per cell.
+    ``loaded`` keeps those loads across calls (an ablation grid plans one call per point)."""
+    from czsl_bench.records import find_existing, record_path
+    from czsl_bench.registry import METHODS
+
+    loaded = {} if loaded is None else loaded
+    datasets: dict[str, Any] = loaded.setdefault("datasets", {})
+    backbones: dict[tuple[str, str | None], Any] = loaded.setdefault("backbones", {})
+    plans = []
+    for spec in specs:
+        method_cls = METHODS.get(spec.method)
+        plugin = dataset_plugin(spec.dataset)
+        resolved = resolve_method_config(method_cls, plugin, opts.overrides, opts.ablation, opts.config_file)
+        explicit = {k: v for k, v in resolved.changed.items() if not resolved.sources[k].startswith("derived")}
+        variant = opts.ablation if resolved.changed else None
+        if spec.dataset not in datasets:
+            datasets[spec.dataset] = load_dataset(plugin, opts.data_root)
+        arch, tag = default_backbone(plugin, opts.backbone, opts.pretrained)
+        if (arch, tag) not in backbones:
+            backbones[(arch, tag)] = _load_backbone(arch, tag, "cpu")
+        identities = {s: run_identity(spec.method, resolved.config, plugin, datasets[spec.dataset],
+                                      backbones[(arch, tag)], arch, tag, s, spec.seed)
+                      for s in spec.settings}
+        trains = method_cls.training_step is not _base_training_step()
+        checkpoint = (_checkpoint_dir(opts, spec, training_fingerprint(identities[spec.settings[0]]))
+                      if trains else None)
+        plans.append(CellPlan(
+            spec, variant, identities,
+            paths={s: record_path(opts.results_dir, i, variant, explicit) for s, i in identities.items()},
+            existing={s: find_existing(opts.results_dir, i, variant, resolved.changed) is not None
+                      for s, i in identities.items()},
+            checkpoint=checkpoint))
+    return plans
+
+
+def _base_training_step() -> Any:
+    from czsl_bench.method import Method
+
+    return Method.training_step
 
 
 def _config_dict(config: Any) -> dict[str, Any]:

@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, str] = {
     "run": "czsl_bench.cli.run:run",
     "records": "czsl_bench.cli.records:records",
     "text": "czsl_bench.cli.text:text",
+    "jobs": "czsl_bench.cli.jobs:jobs",
 }
 
 
