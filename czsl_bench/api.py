@@ -433,6 +433,17 @@ class PreparedRun:
     def config(self) -> Any:
         return self.resolved.config
 
+    @property
+    def changed(self) -> dict[str, Any]:
+        return changed_fields(self.resolved)
+
+
+def changed_fields(resolved: Any) -> dict[str, Any]:
+    """The config fields a run changed itself (config file, ablation, ``--set``), not those a
+    config derived from them: what a record stores as ``overrides``, labels its row and names its
+    folder with."""
+    return {k: v for k, v in resolved.changed.items() if not resolved.sources[k].startswith("derived")}
+
 
 def setup_run(spec: RunSpec, opts: RunOptions, lap: Any = None) -> PreparedRun:
     """Resolve the config, seed, load the dataset and the backbone, build the identity per setting."""
@@ -446,7 +457,7 @@ def setup_run(spec: RunSpec, opts: RunOptions, lap: Any = None) -> PreparedRun:
     check_method_class(method_cls, f"method {spec.method!r}")
     plugin = dataset_plugin(spec.dataset)
     resolved = resolve_method_config(method_cls, plugin, opts.overrides, opts.ablation, opts.config_file)
-    variant = opts.ablation if resolved.changed else None  # an ablation equal to the defaults is the plain run
+    variant = opts.ablation if changed_fields(resolved) else None  # an ablation equal to the defaults is the plain run
     device = resolve_device(opts.device)
     seed_info = seed_everything(spec.seed, opts.deterministic)
     dataset = load_dataset(plugin, opts.data_root)
@@ -508,11 +519,10 @@ def _run_spec(spec: RunSpec, opts: RunOptions) -> tuple[list[RunRecord], bool]:
         clock = now
 
     run = setup_run(spec, opts, lap)
-    resolved = run.resolved
     existing = {}
     if opts.skip_existing:
         for s, ident in run.identities.items():
-            found = find_existing(opts.results_dir, ident, run.variant, resolved.changed)
+            found = find_existing(opts.results_dir, ident, run.variant, run.changed)
             if found is not None:
                 existing[s] = found
     todo = [s for s in spec.settings if s not in existing]
@@ -521,10 +531,9 @@ def _run_spec(spec: RunSpec, opts: RunOptions) -> tuple[list[RunRecord], bool]:
 
     prepare_and_train(run, opts, todo, lap)
     method, ctx, fit, progress = run.method, run.ctx, run.fit, run.progress or NullProgress()
-    explicit = {k: v for k, v in resolved.changed.items() if not resolved.sources[k].startswith("derived")}
     params = parameter_counts(method, run.backbone)
     base = dict(method=spec.method, dataset=run.plugin.name, seed=spec.seed, variant=run.variant,
-                config=_config_dict(run.config), overrides=explicit,
+                config=_config_dict(run.config), overrides=run.changed,
                 backbone={"arch": run.arch, "pretrained": run.tag, **_backbone_info(run.backbone)},
                 chosen_epoch=fit.chosen_epoch if fit is not None else None, params=params)
     env = environment(run.device)
@@ -595,8 +604,8 @@ def identify(specs: Sequence[RunSpec], opts: RunOptions, loaded: dict[Any, Any] 
         method_cls = METHODS.get(spec.method)
         plugin = dataset_plugin(spec.dataset)
         resolved = resolve_method_config(method_cls, plugin, opts.overrides, opts.ablation, opts.config_file)
-        explicit = {k: v for k, v in resolved.changed.items() if not resolved.sources[k].startswith("derived")}
-        variant = opts.ablation if resolved.changed else None
+        explicit = changed_fields(resolved)
+        variant = opts.ablation if explicit else None
         if spec.dataset not in datasets:
             datasets[spec.dataset] = load_dataset(plugin, opts.data_root)
         arch, tag = default_backbone(plugin, opts.backbone, opts.pretrained)
@@ -611,7 +620,7 @@ def identify(specs: Sequence[RunSpec], opts: RunOptions, loaded: dict[Any, Any] 
         plans.append(CellPlan(
             spec, variant, identities,
             paths={s: record_path(opts.results_dir, i, variant, explicit) for s, i in identities.items()},
-            existing={s: find_existing(opts.results_dir, i, variant, resolved.changed) is not None
+            existing={s: find_existing(opts.results_dir, i, variant, explicit) is not None
                       for s, i in identities.items()},
             checkpoint=checkpoint))
     return plans

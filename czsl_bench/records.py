@@ -509,7 +509,7 @@ def migrate_file(path: Path, results_dir: str | Path, dataset_versions: dict[str
 
 
 def _ablation_overrides(record: RunRecord) -> dict[str, Any]:
-    from czsl_bench.api import dataset_plugin
+    from czsl_bench.api import changed_fields, dataset_plugin
     from czsl_bench.config import resolve
     from czsl_bench.registry import METHODS
 
@@ -517,7 +517,7 @@ def _ablation_overrides(record: RunRecord) -> dict[str, Any]:
         resolved = resolve(METHODS.get(record.method), dataset_plugin(record.dataset).recipe, None, record.variant)
     except Exception as exc:  # noqa: BLE001 - without the plugin the change is unknown
         raise RecordError(f"cannot resolve ablation {record.variant!r} of {record.method} ({exc})") from None
-    return {k: v for k, v in resolved.changed.items() if not resolved.sources[k].startswith("derived")}
+    return changed_fields(resolved)
 
 
 def find_existing(results_dir: str | Path, identity: Any, variant: str | None = None,
