@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 
+from czsl_bench.config import at_least, check_config
 
 Scores = torch.Tensor | Iterator[tuple[int, torch.Tensor]]
 
@@ -70,35 +71,28 @@ class TrainConfig:
     as ``auc``, ``best_hm``, ``best_unseen``; higher is better), or ``last`` for the final epoch.
     """
 
-    epochs: int = 10
-    batch_size: int = 64
-    grad_accum: int = 1
+    epochs: int = at_least(0, 10)
+    batch_size: int = at_least(1, 64)
+    grad_accum: int = at_least(1, 1)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = 1e-4
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
     adam_eps: float = 1e-8
     scheduler: Literal["none", "step", "cosine"] = "none"
-    step_size: int = 0  # StepLR period in epochs; 0 = max(epochs // 5, 1) as in PLID
+    step_size: int = at_least(0, 0)  # StepLR period in epochs; 0 = max(epochs // 5, 1) as in PLID
     gamma: float = 0.5
     max_grad_norm: float = 0.0  # 0 = no clipping
     amp: bool = True  # mixed precision, CUDA only
     amp_dtype: Literal["float16", "bfloat16"] = "float16"
-    val_every: int = 1  # validate every k epochs (and always after the last one)
+    val_every: int = at_least(1, 1)  # validate every k epochs (and always after the last one)
     select_metric: str = "auc"
-    num_workers: int = 0
+    num_workers: int = at_least(0, 0)
 
     def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        check_config(self)  # finite floats and the at_least minimums, also for configs built in Python
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.val_every < 1:
-            raise ValueError(f"val_every must be >= 1, got {self.val_every}")
 
 
 @dataclass
@@ -242,6 +236,11 @@ class Method:
     def explain(self, ctx: RunContext, split: Any, index: int, top: int = 5) -> dict[str, Any]:
         """A JSON-ready account of why image ``index`` of ``split`` got its top pairs."""
         raise NotImplementedError(f"method {self.name!r} has no explain()")
+
+    def record_info(self) -> dict[str, Any]:
+        """JSON-ready facts about this run that the record keeps under ``environment.method``
+        (e.g. which description bank was read and how many pairs fell back); ``{}`` = none."""
+        return {}
 
     # -- Trainer hooks ----------------------------------------------------------------------------
     @property

@@ -283,6 +283,7 @@ __all__ = [
 # The method plugin base shared by Troika, ClusPro and the ClusPro base
 # ============================================================================================
 
+from czsl_bench.config import at_least  # noqa: E402
 from czsl_bench.method import Method, RunContext, TrainConfig  # noqa: E402
 
 
@@ -307,13 +308,13 @@ class ThreePathConfig(TrainConfig):
 
     vocab_dropout: float = 0.3
     disentangler_dropout: float = 0.5
-    adapter_dim: int = 64
+    adapter_dim: int = at_least(1, 64)
     adapter_dropout: float = 0.1
     adapter_scale: float = 0.1
     w_pair: float = 1.0  # loss weights lambda_c, lambda_a, lambda_o
     w_attr: float = 1.0
     w_obj: float = 1.0
-    eval_text_batch: int = 4096  # prompts encoded per text-encoder call when scoring
+    eval_text_batch: int = at_least(1, 4096)  # prompts encoded per text-encoder call when scoring
     # The released code steps StepLR twice per epoch (spec §3.6.5); 1 everywhere else.
     scheduler_steps_per_epoch: int = 1
 

@@ -61,7 +61,11 @@ def ls(root: str | None, as_json: bool) -> None:
 @click.option("--kind", default=None, help="Only entries of this kind (image_features, pair_text_features, ...).")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 def clear(root: str | None, kind: str | None, yes: bool) -> None:
-    """Delete cache entries (all, or one kind)."""
+    """Delete cache entries (all, or one kind).
+
+    Without --kind, also deletes the partial synthetic world folders of generations that were
+    killed (their owner process is gone); complete worlds are kept.
+    """
     from czsl_bench.cache import FeatureCache
 
     store = FeatureCache(root)
@@ -75,3 +79,19 @@ def clear(root: str | None, kind: str | None, yes: bool) -> None:
         click.confirm(f"Delete {what}?", abort=True)
     removed = store.clear(kind)
     click.echo(f"deleted {removed} {kind + ' ' if kind else ''}entries ({_human(total)})")
+    if kind is None:
+        _clear_stale_partials(store.root)
+
+
+def _clear_stale_partials(root) -> None:
+    """Remove the folders that killed synthetic world generations left behind (their owner is gone)."""
+    from czsl_bench.datasets.synthetic import default_cache_dir
+    from czsl_bench.datasets.synthetic.store import clean_stale_partials
+
+    removed = []
+    for folder in dict.fromkeys([root / "synthetic", default_cache_dir()]):
+        removed += clean_stale_partials(folder)
+    if removed:
+        size = sum(n for _, n in removed)
+        click.echo(f"deleted {len(removed)} partial synthetic world folder(s) left by killed generations "
+                   f"({_human(size)}): {', '.join(str(p) for p, _ in removed)}")
