@@ -31,7 +31,9 @@ ACCURACIES = ("best_seen", "best_unseen", "best_hm", "auc", "attr_acc", "obj_acc
 # docs/results.md, Reproducibility: the tolerances across machines (the same CPU kernels, library
 # versions and thread count reproduce every digit)
 SHORT_RUN_ABS = 2e-3  # about 2 of 1,080 test images; clip/coop/csp: observed identical
-EPOCH1_LOSS_REL = 1e-6  # observed 5e-9 (troika) and 1.4e-8 (cluspro-base) across CPUs
+# Observed across two CPUs: 5e-9 (troika), 1.4e-8 (cluspro-base), 1.7e-5 (cluspro: the transport
+# assignment and the prototype EMA turn rounding differences into different choices within epoch 1)
+EPOCH1_LOSS_REL = {"troika": 1e-6, "cluspro-base": 1e-6, "cluspro": 1e-4}
 EPOCH1_VAL_ABS = 5e-3  # 4 of 810 validation images
 FULL_RUN_ABS = 1e-2  # after 4 epochs: about one seed std of the trained methods
 
@@ -65,6 +67,7 @@ def _close(mine: dict, theirs: dict, tol: float, what: str) -> None:
     assert not off, f"{what}: differ by more than {tol} (mine, committed): {off}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["clip", "coop", "csp"])
 def test_short_runs_reproduce_their_committed_record(method, private_cache):
     committed = _committed(method)
@@ -85,7 +88,7 @@ def test_first_epoch_reproduces_the_committed_record(method, private_cache):
     mine = record.environment["training"]["history"][0]
     theirs = committed["environment"]["training"]["history"][0]
     assert mine["epoch"] == theirs["epoch"] == 1
-    assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=EPOCH1_LOSS_REL), \
+    assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=EPOCH1_LOSS_REL[method]), \
         f"{method}: epoch-1 training loss {mine['train_loss']!r} vs committed {theirs['train_loss']!r}"
     _close(mine["val"], theirs["val"], EPOCH1_VAL_ABS, f"{method} epoch-1 validation")
 
