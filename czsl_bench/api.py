@@ -400,7 +400,14 @@ def _run_spec(spec: RunSpec, opts: RunOptions) -> tuple[list[RunRecord], bool]:
     val_closed = ctx.split("val", "closed")
 
     def validate(m: Any) -> dict[str, float]:
-        return _metrics(_evaluate(m, ctx, val_closed))
+        metrics = _metrics(_evaluate(m, ctx, val_closed))
+        extra = getattr(m, "validation_metrics", None)
+        if callable(extra):
+            import torch
+
+            with torch.no_grad():
+                metrics.update({k: float(v) for k, v in extra(ctx, val_closed).items()})
+        return metrics
 
     fit = None
     if method.trains:
