@@ -336,7 +336,8 @@ def test_vit_l14_parameter_counts_equal_the_spec_arithmetic(vit_l, dataset):
     n_prims = len(data.attrs) + len(data.objs)
     assert n_prims == {"ut-zappos": 28, "mit-states": 360, "cgqa": 1087}[dataset]
     counts = []
-    for variant in ("default", "code"):
+    # com_ca does not depend on the vocabulary: the code variant is built on UT-Zappos only
+    for variant in ("default", "code") if dataset == "ut-zappos" else ("default",):
         strip_adapters(vit_l)
         method, _, _ = build(VPCMJL, vit_l, dataset, [f"variant={variant}"], data=data)
         counts.append(parameter_counts(method, vit_l)["trainable"])
@@ -350,8 +351,9 @@ def test_vit_l14_parameter_counts_equal_the_spec_arithmetic(vit_l, dataset):
             assert heads.attr_proxy.numel() + heads.obj_proxy.numel() == 28 * 768
             assert method.model.vocabulary.numel() == 28 * 768 and method.model.prefix.numel() == 3 * 3 * 768
     strip_adapters(vit_l)
-    assert tuple(counts) == COUNTS[dataset]
-    assert counts[0] == 22_894_080 + 1_536 * n_prims and counts[1] == 29_983_488 + 1_536 * n_prims
+    assert counts[0] == COUNTS[dataset][0] == 22_894_080 + 1_536 * n_prims
+    if dataset == "ut-zappos":
+        assert counts[1] == COUNTS[dataset][1] == 29_983_488 + 1_536 * n_prims
 
 
 @pytest.mark.slow
