@@ -395,6 +395,6 @@ class VPCMJL(ThreePathMethod):
             "no-attention-score": {"attention_score": False},
             "product-combine": {"combine": "product"},
             "kl-detached": {"kl_detach": True},
-            "code": {"variant": "code"},
+            "code": {"variant": "code", "amp": False},  # the released code also trains in fp32
         }
 
