@@ -33,6 +33,7 @@ def tiny():
 
 def _trained_a_little(tiny, overrides=(), steps=2):
     """A method whose adapters, proxies and heads have moved away from their initialisation."""
+    torch.manual_seed(0)  # the random backbone weights too: the same model whatever ran before
     split = TinySplit(8)
     method, ctx, _ = build(VPCMJL, tiny(), overrides=overrides, split=split)
     opt = torch.optim.Adam(method.parameters(), lr=1e-2)
