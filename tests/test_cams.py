@@ -86,6 +86,16 @@ def test_ablations_resolve_to_distinct_configs():
     assert len({json.dumps(vars(c), sort_keys=True, default=str) for c in configs.values()}) == len(grid) - 1
 
 
+def test_ablate_grid_on_the_synthetic_world_trains_equal_configs_once():
+    from czsl_bench.ablation import ablation_grid
+
+    points = {p.name: p for p in ablation_grid("cams", "synthetic")}
+    # the synthetic recipe reads M = 2 blocks with K = 8 units: those two points are the full method
+    assert points["m-2"].runs_as == points["units-8"].runs_as == "full"
+    assert points["m-2"].ablation is None and points["no-gate"].ablation == "no-gate"
+    assert {p.runs_as for p in points.values()} == set(points) - {"m-2", "units-8"}
+
+
 def test_released_thresholds_lie_inside_the_feasibility_range_and_off_the_search_grid():
     from czsl_bench.cli.info import _shipped_vocabulary
     from czsl_bench.evaluation.feasibility import reference_feasibility, threshold_grid

@@ -95,6 +95,15 @@ def test_ablations_resolve_and_code_is_its_own_row():
     assert len({json.dumps(vars(c), sort_keys=True, default=str) for c in configs.values()}) == len(grid)
 
 
+def test_ablate_grid_resolves_every_point_to_its_own_training():
+    from czsl_bench.ablation import ablation_grid
+
+    points = ablation_grid("vpcmjl", "synthetic")
+    assert [p.name for p in points] == list(VPCMJL.ablations())
+    assert all(p.runs_as == p.name and p.method == "vpcmjl" for p in points)
+    assert points[0].ablation is None and {p.ablation for p in points[1:]} == set(VPCMJL.ablations()) - {"full"}
+
+
 # ---- components against the equations --------------------------------------------------------
 
 
