@@ -399,7 +399,4 @@ def test_vit_l14_forward_backward_and_a_step_on_cpu(vit_l):
     before = method.heads.units.detach().clone()
     opt.step()
     assert not torch.equal(before, method.heads.units)
-    with torch.no_grad():
-        scores = dense(method.score(ctx, split))
-    assert scores.shape == (2, len(split.pairs)) and torch.isfinite(scores).all()
     strip_adapters(vit_l)
