@@ -213,17 +213,17 @@ class RunRecord:
         data.pop("higher_is_better", None)  # derived, written for external readers
         if "schema_version" not in data:
             raise RecordError("schema_version is missing; is this a czsl-bench run record?")
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:  # before migrating: a schema-1 file missing fields says which, not a KeyError
+            raise RecordError(f"missing field(s) {', '.join(missing)}")
         if data["schema_version"] == 1:
             data = migrate_v1(data)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise RecordError(f"unknown field(s) {', '.join(unknown)}")
-        required = [f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        missing = [name for name in required if name not in data]
-        if missing:
-            raise RecordError(f"missing field(s) {', '.join(missing)}")
         try:
             return cls(**data)
         except TypeError as exc:
