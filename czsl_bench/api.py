@@ -490,7 +490,14 @@ def prepare_and_train(run: PreparedRun, opts: RunOptions, settings: Sequence[str
     val_closed = ctx.split("val", "closed")
 
     def validate(m: Any) -> dict[str, float]:
-        return _metrics(_evaluate(m, ctx, val_closed))
+        metrics = _metrics(_evaluate(m, ctx, val_closed))
+        extra = getattr(m, "validation_metrics", None)  # e.g. a loss the method selects its epoch on
+        if callable(extra):
+            import torch
+
+            with torch.no_grad():
+                metrics.update({k: float(v) for k, v in extra(ctx, val_closed).items()})
+        return metrics
 
     fit = None
     if method.trains:

@@ -233,6 +233,12 @@ class Method:
         """Named variants: ``{"no-dropout": {"attr_dropout": 0.0}}``; run with ``--ablation``."""
         return {}
 
+    def validation_metrics(self, ctx: RunContext, split: Any) -> dict[str, float]:
+        """Extra numbers the harness adds to each validation's metrics (higher is better), so that
+        ``select_metric`` can name them: VP-CMJL's released selection rule is a validation loss
+        (docs/vpcmjl.md). They go into the training history, not into the record's metrics."""
+        return {}
+
     def explain(self, ctx: RunContext, split: Any, index: int, top: int = 5) -> dict[str, Any]:
         """A JSON-ready account of why image ``index`` of ``split`` got its top pairs."""
         raise NotImplementedError(f"method {self.name!r} has no explain()")

@@ -44,10 +44,10 @@ METRIC_LABELS = {
 # Display names and the order of the papers' tables; unknown names sort after these, alphabetically.
 METHOD_LABELS = {
     "clip": "CLIP", "clip-zs": "CLIP", "coop": "CoOp", "csp": "CSP", "plid": "PLID",
-    "troika": "Troika", "cluspro": "ClusPro", "lazsl": "LaZSL",
+    "troika": "Troika", "cluspro": "ClusPro", "lazsl": "LaZSL", "vpcmjl": "VP-CMJL", "cams": "CAMS",
 }
 DATASET_LABELS = {"mit-states": "MIT-States", "ut-zappos": "UT-Zappos", "cgqa": "C-GQA", "synthetic": "Synthetic"}
-METHOD_ORDER = ("clip", "clip-zs", "coop", "csp", "plid", "troika", "cluspro")
+METHOD_ORDER = ("clip", "clip-zs", "coop", "csp", "plid", "troika", "cluspro", "vpcmjl", "cams")
 DATASET_ORDER = ("mit-states", "ut-zappos", "cgqa", "synthetic")
 FULL_VARIANT = "full"  # the ablation table's name for the method as published (variant None)
 PAPER_SUFFIX = " (paper)"
