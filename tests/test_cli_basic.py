@@ -164,8 +164,7 @@ def _check_backbone_rows(rows) -> None:
 
 
 def test_list_backbones_includes_the_embedded_one_and_clip_vits():
-    # a fresh process, as a user runs it (in this process another test may have loaded the tiny
-    # backbone; see the xfail below)
+    # a fresh process, as a user runs it (the next test: one that loaded the backbone already)
     code = "import sys; from czsl_bench.cli import main; sys.argv = ['czsl-bench', *sys.argv[1:]]; main()"
     result = subprocess.run([sys.executable, "-c", code, "list", "backbones", "--json"], capture_output=True,
                             text=True, timeout=300)
@@ -173,10 +172,8 @@ def test_list_backbones_includes_the_embedded_one_and_clip_vits():
     _check_backbone_rows(json.loads(result.stdout)["backbones"])
 
 
-@pytest.mark.xfail(strict=True, reason="czsl_bench/cli/listing.py lists an embedded default backbone only while "
-                                       "its arch is not yet registered with open_clip, so the row disappears once "
-                                       "the backbone was loaded in the process; reported to the lead")
 def test_list_backbones_in_a_process_that_loaded_the_embedded_backbone():
+    """Once loaded, open_clip knows the embedded arch's config; the row must stay listed."""
     from czsl_bench.backbone import load_backbone
 
     load_backbone("czsl-tiny-vit", None, device="cpu")
