@@ -67,7 +67,7 @@ class RunOptions:
     write: bool = True
     progress: Any = None
     eval_batch_size: int = 256
-    num_workers: int = 0
+    num_workers: int | None = None  # DataLoader workers; None = fit the machine (czsl_bench.loading)
 
 
 @dataclass
@@ -433,6 +433,8 @@ def _run_spec(spec: RunSpec, opts: RunOptions) -> tuple[list[RunRecord], bool]:
         lap(f"evaluate_{setting}")
         run_timings = {k: v for k, v in timings.items() if not k.startswith("evaluate_") or k == f"evaluate_{setting}"}
         run_timings["total"] = round(time.perf_counter() - t_start, 3)
+        if fit is not None:
+            run_timings.update(fit.input_timings())
         ident = identities[setting]
         if test.protocol != ident.protocol:
             raise RuntimeError(f"the evaluator reported protocol {test.protocol}, the identity {ident.protocol}")
