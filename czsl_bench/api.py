@@ -313,11 +313,11 @@ def run_identity(method: str, config: Any, plugin: Any, dataset: Any, backbone: 
     """The :class:`~czsl_bench.identity.RunIdentity` of one run in one setting."""
     from czsl_bench.config import config_to_dict
     from czsl_bench.evaluation.metrics import PROTOCOL_VERSION
-    from czsl_bench.identity import RunIdentity
+    from czsl_bench.identity import RunIdentity, weights_identity
 
     return RunIdentity(
         method=method, config=config_to_dict(config),
-        backbone={"arch": arch, "pretrained": tag, "weights_hash": backbone.weights_hash},
+        backbone={"arch": arch, "pretrained": tag, "weights_hash": weights_identity(backbone.weights_hash, tag)},
         dataset={"name": plugin.name, "version": dataset.version}, setting=setting, seed=seed,
         protocol=PROTOCOL_VERSION, feasibility=plugin.feasibility if setting == "open" else None,
         track=_method_track(method))

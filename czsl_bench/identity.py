@@ -95,6 +95,18 @@ class RunIdentity:
         return backbone_label(self.backbone)
 
 
+# Random weights are drawn from the run seed (the harness seeds before it loads the backbone), so
+# they are a function of (arch, seed), both already in the identity; their hash would differ per
+# seed and keep the seeds of one random-weight configuration from ever sharing a table cell. The
+# record's `backbone.weights_hash` still holds the hash of the weights a run actually used.
+RANDOM_INIT = "random-init-from-run-seed"
+
+
+def weights_identity(weights_hash: str | None, pretrained: str | None) -> str | None:
+    """What the identity says about the weights: their hash, or :data:`RANDOM_INIT` for random ones."""
+    return RANDOM_INIT if pretrained is None else weights_hash
+
+
 # Fields whose None is a real value, not a gap: no feasibility in the closed world, random weights.
 _OPTIONAL = {"feasibility", "backbone.pretrained"}
 

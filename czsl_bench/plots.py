@@ -26,6 +26,8 @@ def _values(records: Iterable[RunRecord], method: str, dataset: str, variant: st
     pairs from the ablation API (a record may serve several points)."""
     out: dict[int, float] = {}
     for item in records:
+        if not isinstance(item, tuple) and item.method != method:
+            continue  # plain records: only ``method``'s (pairs may name an equivalent method's)
         name, r = item if isinstance(item, tuple) else (item.variant or FULL_VARIANT, item)
         if (r.dataset, r.setting, r.source, name) != (dataset, setting, "run", variant):
             continue

@@ -213,17 +213,17 @@ class RunRecord:
         data.pop("higher_is_better", None)  # derived, written for external readers
         if "schema_version" not in data:
             raise RecordError("schema_version is missing; is this a czsl-bench run record?")
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:  # before migrating: a schema-1 file missing fields says which, not a KeyError
+            raise RecordError(f"missing field(s) {', '.join(missing)}")
         if data["schema_version"] == 1:
             data = migrate_v1(data)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise RecordError(f"unknown field(s) {', '.join(unknown)}")
-        required = [f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        missing = [name for name in required if name not in data]
-        if missing:
-            raise RecordError(f"missing field(s) {', '.join(missing)}")
         try:
             return cls(**data)
         except TypeError as exc:
@@ -314,7 +314,7 @@ def migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
     changed config fields; ``notes`` says so. A migrated record's fingerprint therefore differs
     from a fresh run's until ``czsl-bench records migrate --dataset-version`` fills the version in.
     """
-    from czsl_bench.identity import RunIdentity
+    from czsl_bench.identity import RunIdentity, weights_identity
 
     data = dict(data)
     data["schema_version"] = SCHEMA_VERSION
@@ -326,7 +326,7 @@ def migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
         ident = RunIdentity(
             method=data["method"], config=data.get("config") or {},
             backbone={"arch": backbone.get("arch"), "pretrained": backbone.get("pretrained"),
-                      "weights_hash": backbone.get("weights_hash")},
+                      "weights_hash": weights_identity(backbone.get("weights_hash"), backbone.get("pretrained"))},
             dataset={"name": data["dataset"], "version": None}, setting=data["setting"], seed=data["seed"],
             protocol=data.get("protocol"),
             feasibility=provenance.get("feasibility") if data["setting"] == "open" else None)

@@ -360,6 +360,8 @@ def build_ablation_table(
     """
     labelled: list[tuple[str, RunRecord]] = []
     for item in records:
+        if not isinstance(item, tuple) and item.method != method:
+            continue  # plain records: only ``method``'s (pairs may name an equivalent method's)
         name, rec = item if isinstance(item, tuple) else (item.variant or FULL_VARIANT, item)
         labelled.append((name, rec))
     labelled += [(r.variant or FULL_VARIANT, r) for r in papers]

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
@@ -89,6 +91,8 @@ class DatasetPlugin:
         return f"put the dataset in the standard layout at {self.resolve_root(root)} (see {DOCS_HINT})"
 
     canonical_note: str = ""
+    # published counts a copy must reproduce (none by default; `data check` compares them)
+    stats: Mapping[str, Any] = MappingProxyType({})
 
     def canonical_root(self) -> Path:
         """Folder of the split files shipped for this dataset (none by default: its own root)."""

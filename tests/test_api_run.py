@@ -17,12 +17,13 @@ import czsl_bench
 from czsl_bench import api
 from czsl_bench.cli import cli
 from czsl_bench.method import Method, NoConfig
-from czsl_bench.records import read_record, record_path
+from czsl_bench.records import find_existing, read_record, record_path
 from czsl_bench.registry import METHODS
 from czsl_bench.seeding import set_deterministic
 from fixtures.toy_world import registered_toy_dataset
 
 TINY = dict(backbone="czsl-tiny-vit", pretrained="none")
+TINY_DIR = "czsl-tiny-vit-random"  # <arch>-<tag> folder of the tiny backbone with random weights
 CSP_FAST = ["epochs=2", "batch_size=12", "lr=0.05"]
 
 
@@ -39,8 +40,16 @@ def opts(tmp_path):
 
 def test_clip_run_returns_and_writes_one_complete_record(toy, opts, tmp_path):
     record = czsl_bench.run("clip", "toy", seed=0, **opts)
-    path = record_path(opts["results_dir"], "clip", "toy", "closed", 0)
+    path = opts["results_dir"] / "clip" / "toy" / TINY_DIR / "closed" / "seed0.json"
+    assert record.source_path == path == record_path(opts["results_dir"], record.run_identity)
     assert read_record(path).to_dict() == record.to_dict()
+    ident = record.run_identity
+    assert record.fingerprint == ident.fingerprint and record.overrides == {} and record.variant is None
+    assert (ident.method, ident.setting, ident.seed, ident.track) == ("clip", "closed", 0, "inductive")
+    assert ident.dataset["name"] == "toy" and ident.dataset["version"]  # the content hash of the copy
+    assert ident.backbone == {"arch": "czsl-tiny-vit", "pretrained": None,
+                              "weights_hash": record.backbone["weights_hash"]}
+    assert ident.config == record.config and ident.protocol == record.protocol
     assert record.protocol and record.chosen_epoch is None
     assert set(record.metrics) == {"val", "test"} and 0 <= record.metrics["test"]["auc"] <= 1
     assert record.n_images == {"val": 9, "test": 12}
@@ -65,6 +74,12 @@ def test_csp_both_settings_train_once_and_select_the_epoch(toy, opts):
     assert closed.params["trainable"] == 6 * 128
     assert closed.open_threshold is None and open_.open_threshold is not None
     assert open_.provenance == {"feasibility": "backbone-token-embeddings"}
+    # the settings are two identities of one training: same group but for setting and feasibility
+    assert closed.run_identity.feasibility is None
+    assert open_.run_identity.feasibility == "backbone-token-embeddings"
+    assert closed.fingerprint != open_.fingerprint
+    assert closed.overrides == open_.overrides == {"epochs": 2, "batch_size": 12, "lr": 0.05}
+    assert closed.source_path.parent.name == f"custom-{closed.run_identity.config_fingerprint}"
     # the closed val metrics of the chosen epoch are what the record reports for val
     assert closed.metrics["val"]["auc"] == pytest.approx(fit["history"][best]["val"]["auc"])
 
@@ -88,11 +103,20 @@ def test_grid_and_skip_existing(toy, opts, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a finished run was run again")
 
-    monkeypatch.setattr(api, "_run_spec", boom)
+    # the skip is decided by fingerprint, once dataset and backbone are loaded: nothing after it runs
+    monkeypatch.setattr(METHODS.get("clip"), "prepare", boom)
     again = czsl_bench.run("clip", "toy", seed=[0, 1], skip_existing=True, **opts)
     assert [r.to_dict() for r in again] == [r.to_dict() for r in first]
+    assert [r.source_path for r in again] == [r.source_path for r in first]
+    outcome = api.execute(api.RunSpec("clip", "toy", 0, ("closed",)),
+                          api.RunOptions(skip_existing=True, **opts))
+    assert outcome.skipped and outcome.skipped_paths == [str(first[0].source_path)]
     with pytest.raises(api.RunError, match="a finished run was run again"):
         czsl_bench.run("clip", "toy", seed=0, **opts)
+    # another configuration of the same (method, dataset, seed) is not finished
+    with pytest.raises(api.RunError, match="a finished run was run again"):
+        czsl_bench.run("clip", "toy", seed=0, skip_existing=True, overrides=["template=a drawing of {attr} {obj}"],
+                       **opts)
 
 
 def test_resume_continues_from_the_checkpoint(toy, opts):
@@ -105,7 +129,11 @@ def test_resume_continues_from_the_checkpoint(toy, opts):
 def test_ablation_is_a_variant_record(toy, opts):
     record = czsl_bench.run("csp", "toy", seed=0, overrides=CSP_FAST, ablation="no-dropout", **opts)
     assert record.variant == "no-dropout" and record.config["attr_dropout"] == 0.0
-    assert record_path(opts["results_dir"], "csp", "toy", "closed", 0, "no-dropout").exists()
+    assert record.overrides == {"epochs": 2, "batch_size": 12, "lr": 0.05, "attr_dropout": 0.0}
+    path = record_path(opts["results_dir"], record.run_identity, "no-dropout", record.overrides)
+    assert path.exists() and path == record.source_path
+    assert path.parent.name == f"no-dropout-{record.run_identity.config_fingerprint}"
+    assert find_existing(opts["results_dir"], record.run_identity, "no-dropout", record.overrides) == record
 
 
 class _BadShape(Method):
@@ -155,6 +183,8 @@ def test_plan_expands_the_grid_and_all(toy, monkeypatch):
 
 def test_default_backbones():
     assert api.default_backbone("synthetic", None, None) == ("czsl-tiny-vit", "synthetic")
+    assert api.default_backbone(api.dataset_plugin("synthetic"), None, None) == ("czsl-tiny-vit", "synthetic")
+    assert api.dataset_plugin("synthetic").default_backbone == ("czsl-tiny-vit", "synthetic")
     assert api.default_backbone("mit-states", None, None) == ("ViT-L-14-quickgelu", "openai")
     assert api.default_backbone("mit-states", "ViT-B-32", None) == ("ViT-B-32", "openai")
     assert api.default_backbone("synthetic", None, "none") == ("czsl-tiny-vit", None)
@@ -177,10 +207,12 @@ def test_cli_runs_and_skips(toy, tmp_path):
     result = _cli(*csp)
     assert result.exit_code == 0, result.output
     assert "csp toy seed0: closed: AUC" in result.output
-    record = json.loads((tmp_path / "r" / "csp" / "toy" / "closed" / "seed0.json").read_text())
-    assert record["config"]["epochs"] == 1
+    [path] = (tmp_path / "r" / "csp" / "toy" / TINY_DIR / "closed").glob("custom-*/seed0.json")
+    record = json.loads(path.read_text())
+    assert record["config"]["epochs"] == 1 and record["overrides"] == {"epochs": 1, "batch_size": 12}
     result = _cli(*csp, "--skip-existing")
-    assert result.exit_code == 0 and "skipped (exists)" in result.output
+    assert result.exit_code == 0
+    assert f"skipped: same fingerprint {record['fingerprint'][:8]} at {path}" in result.output
 
 
 def test_cli_exit_codes(toy, tmp_path, broken_methods):

@@ -19,7 +19,6 @@ from czsl_bench.backbone import load_backbone
 from czsl_bench.cache import (
     CACHE_FORMAT_VERSION,
     FeatureCache,
-    clean_name,
     default_cache_root,
     image_features,
     pair_prompts,
@@ -27,6 +26,7 @@ from czsl_bench.cache import (
     split_image_features,
 )
 from czsl_bench.cli.cache import cache as cache_cli
+from czsl_bench.names import clean_name
 
 TINY = "czsl-test-cache-vit"
 TINY_CFG = {

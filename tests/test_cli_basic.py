@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from czsl_bench.cli import SUBCOMMANDS, cli
-from czsl_bench.records import RunRecord, write_record
+from czsl_bench.records import write_record
+from fixtures.records import make_run_record, metrics4
 
 REPO = Path(__file__).resolve().parents[1]
 REPORTED = REPO / "results" / "reported"
@@ -22,17 +23,24 @@ def run_cli(*args: str):
     return CliRunner().invoke(cli, list(args))
 
 
+def _cluspro_config(ablation: str | None = None) -> tuple[dict, dict]:
+    """The resolved config of ClusPro on UT-Zappos (an ablation of it) and the fields it changes."""
+    from czsl_bench.config import config_to_dict, resolve
+    from czsl_bench.registry import METHODS
+
+    resolved = resolve(METHODS.get("cluspro"), "ut-zappos", ablation=ablation)
+    return config_to_dict(resolved.config), resolved.changed
+
+
 def write_runs(results: Path) -> None:
     for seed, auc in enumerate((0.19, 0.21)):
-        write_record(RunRecord(method="csp", dataset="ut-zappos", setting="closed", seed=seed,
-                               metrics={"test": {"best_seen": 0.6, "best_unseen": 0.6, "best_hm": 0.45, "auc": auc}}),
-                     results)
-    write_record(RunRecord(method="cluspro", dataset="ut-zappos", setting="closed", seed=0, variant="k1",
-                           metrics={"test": {"best_seen": 0.7, "best_unseen": 0.7, "best_hm": 0.55, "auc": 0.42}}),
-                 results)
-    write_record(RunRecord(method="cluspro", dataset="ut-zappos", setting="closed", seed=0,
-                           metrics={"test": {"best_seen": 0.7, "best_unseen": 0.76, "best_hm": 0.58, "auc": 0.46}}),
-                 results)
+        write_record(make_run_record("csp", "ut-zappos", "closed", seed, metrics4(0.6, 0.6, 0.45, auc)), results)
+    config, changed = _cluspro_config("k-1")
+    write_record(make_run_record("cluspro", "ut-zappos", "closed", 0, metrics4(0.7, 0.7, 0.55, 0.42),
+                                 variant="k-1", config=config, overrides=changed), results)
+    config, _ = _cluspro_config()
+    write_record(make_run_record("cluspro", "ut-zappos", "closed", 0, metrics4(0.7, 0.76, 0.58, 0.46),
+                                 config=config), results)
 
 
 def test_my_subcommands_are_registered_lazily():
@@ -55,7 +63,7 @@ def test_table_prints_markdown_to_stdout(tmp_path):
     assert lines[0].startswith("| Method") and "UT-Zappos AUC" in lines[0]
     assert lines[2].startswith("| CSP ") and "20.0 ± 1.4" in lines[2]
     assert lines[3].startswith("| ClusPro ") and "**46.0**" in lines[3]
-    assert len(lines) == 4  # the k1 ablation variant is not a main-table row
+    assert len(lines) == 4  # the k-1 ablation variant is not a main-table row
     assert result.stderr == ""
 
 
@@ -80,7 +88,11 @@ def test_table_ablation_view(tmp_path):
     write_runs(tmp_path)
     result = run_cli("table", "--results-dir", str(tmp_path), "--ablation", "cluspro", "--format", "latex")
     assert result.exit_code == 0, result.output
-    assert "Variant &" in result.stdout and "\nfull &" in result.stdout and "\nk1 &" in result.stdout
+    assert "Variant &" in result.stdout and "\nfull &" in result.stdout and "\nk-1 &" in result.stdout
+    rows = {line.split(" & ")[0]: line.split(" & ", 1)[1] for line in result.stdout.splitlines() if " & " in line}
+    assert "70.0} & 70.0 & 55.0 & 42.0" in rows["k-1"]  # S ties with full: both bold
+    # grid points with the full method's config (mu-0.99, k-5) are found by config: the same record
+    assert rows["mu-0.99"] == rows["k-5"] == rows["full"] and "46.0" in rows["full"]
 
 
 def test_table_writes_a_file_with_output(tmp_path):
@@ -93,7 +105,8 @@ def test_table_writes_a_file_with_output(tmp_path):
 
 def test_table_warns_about_malformed_records_and_goes_on(tmp_path):
     write_runs(tmp_path)
-    bad = tmp_path / "csp" / "ut-zappos" / "closed" / "seed9.json"
+    bad = tmp_path / "csp" / "ut-zappos" / "ViT-L-14-quickgelu-openai" / "closed" / "seed9.json"
+    assert bad.parent.is_dir()  # beside the CSP records write_runs wrote
     bad.write_text("{ half a record")
     result = run_cli("table", "--results-dir", str(tmp_path))
     assert result.exit_code == 0

@@ -108,10 +108,13 @@ def test_per_dataset_defaults_follow_the_spec():
 def test_ablation_grid_is_the_issue_grid():
     grid = ClusPro.ablations()
     assert {"full", "no-pcl", "no-pdl", "base"} <= set(grid)
-    assert sorted(v["ema_momentum"] for k, v in grid.items() if k.startswith("mu-")) == [0, 0.5, 0.9, 0.99, 0.999]
-    assert sorted(v["n_prototypes"] for k, v in grid.items() if k.startswith("k-")) == [1, 3, 5, 10, 20]
-    for overrides in grid.values():  # every entry resolves to a valid config
-        resolve_config(ClusProConfig, "synthetic", overrides)
+    # the grid is written with the paper's names (mu, K), aliases of the config fields
+    assert sorted(v["mu"] for k, v in grid.items() if k.startswith("mu-")) == [0, 0.5, 0.9, 0.99, 0.999]
+    assert sorted(v["K"] for k, v in grid.items() if k.startswith("k-")) == [1, 3, 5, 10, 20]
+    resolved = {name: resolve_config(ClusProConfig, "synthetic", overrides)  # every entry resolves
+                for name, overrides in grid.items()}
+    assert sorted(c.ema_momentum for k, c in resolved.items() if k.startswith("mu-")) == [0, 0.5, 0.9, 0.99, 0.999]
+    assert sorted(c.n_prototypes for k, c in resolved.items() if k.startswith("k-")) == [1, 3, 5, 10, 20]
 
 
 def test_code_variant_halves_the_lr_every_two_and_a_half_epochs():
@@ -317,11 +320,14 @@ def test_vit_l14_parameter_count_matches_the_paper():
 # ---- the ablation plot ----------------------------------------------------------------------
 
 
-def _record(variant, seed, auc):
-    from czsl_bench.records import RunRecord
+def _record(variant, seed, auc, method="cluspro"):
+    from fixtures.records import make_run_record
 
-    return RunRecord(method="cluspro", dataset="synthetic", setting="closed", seed=seed, variant=variant,
-                     metrics={"val": {"auc": auc}, "test": {"auc": auc, "best_hm": auc}})
+    # an ablation run is its own configuration: the variant's overrides are in its identity
+    overrides = ClusPro.ablations().get(variant, {}) if variant else {}
+    return make_run_record(method, "synthetic", "closed", seed,
+                           {"val": {"auc": auc}, "test": {"auc": auc, "best_hm": auc}},
+                           variant=variant, overrides=overrides)
 
 
 def test_ablation_plot_draws_every_sweep_from_records(tmp_path):
@@ -333,6 +339,11 @@ def test_ablation_plot_draws_every_sweep_from_records(tmp_path):
     assert sorted(_values(records, "cluspro", "synthetic", "mu-0.5", "auc", "closed", "test")) == \
         pytest.approx([0.15, 0.16, 0.17])
     assert _values(records, "cluspro", "synthetic", "full", "auc", "closed", "test") == [0.3]  # variant None
+    # another method's plain runs are not ClusPro's full method
+    assert _values(records + [_record(None, 1, 0.9, method="csp")], "cluspro", "synthetic", "full", "auc",
+                   "closed", "test") == [0.3]
+    # (point name, record) pairs from the ablation API name the point themselves
+    assert _values([("mu-0.99", records[-1])], "cluspro", "synthetic", "mu-0.99", "auc", "closed", "test") == [0.3]
     mean, std = _mean_std([0.15, 0.16, 0.17])
     assert (mean, std) == (pytest.approx(0.16), pytest.approx(0.01))
     out = ablation_sweep_figure(records, "cluspro", "synthetic", ClusPro.ablation_sweeps(), tmp_path / "a" / "p.png")

@@ -11,11 +11,12 @@ import pytest
 
 import czsl_bench
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference"
+BACKBONE_DIR = "czsl-tiny-vit-synthetic"  # the synthetic world's declared default backbone
 
 
 def _committed(method: str, seed: int) -> dict:
-    return json.loads((RESULTS / method / "synthetic" / "closed" / f"seed{seed}.json").read_text())
+    return json.loads((REFERENCE / method / "synthetic" / BACKBONE_DIR / "closed" / f"seed{seed}.json").read_text())
 
 
 @pytest.mark.slow
@@ -30,6 +31,10 @@ def test_csp_learns_the_vocabulary_gap_and_the_committed_records_reproduce(tmp_p
     # the committed records come from this code (2 torch threads there; other thread counts
     # change the summation order, hence the tolerance)
     for record, method in ((clip, "clip"), (csp, "csp")):
+        assert record.source_path == tmp_path / method / "synthetic" / BACKBONE_DIR / "closed" / "seed0.json"
+        # the same run: same identity (config, weights hash, dataset version, protocol, seed)
+        assert record.identity == _committed(method, 0)["identity"]
+        assert record.fingerprint == _committed(method, 0)["fingerprint"]
         committed = _committed(method, 0)["metrics"]["test"]
         for key in ("auc", "best_hm", "best_seen", "best_unseen"):
             assert record.metrics["test"][key] == pytest.approx(committed[key], abs=5e-3), (method, key)

@@ -18,12 +18,13 @@ from click.testing import CliRunner
 from czsl_bench import atomic
 from czsl_bench.cli import cli
 from czsl_bench.records import RunRecord, write_record
+from fixtures.records import make_identity, make_run_record
 
 
 def _record(seed: int = 0, auc: float = 0.2) -> RunRecord:
-    return RunRecord(method="csp", dataset="synthetic", setting="closed", seed=seed,
-                     metrics={"val": {"auc": auc}, "test": {"auc": auc, "best_hm": auc, "best_seen": auc,
-                                                           "best_unseen": auc}})
+    return make_run_record("csp", "synthetic", "closed", seed,
+                           {"val": {"auc": auc}, "test": {"auc": auc, "best_hm": auc, "best_seen": auc,
+                                                          "best_unseen": auc}})
 
 
 def _one_line_error(result, code: int | tuple[int, ...] = (1, 2)) -> str:
@@ -86,8 +87,8 @@ def test_ablation_plot_honours_the_umask(tmp_path):
     from czsl_bench.methods.cluspro import ClusPro
     from czsl_bench.plots import ablation_sweep_figure
 
-    records = [RunRecord(method="cluspro", dataset="synthetic", setting="closed", seed=s, variant=f"k-{k}",
-                         metrics={"test": {"auc": 0.1 + k / 100}}) for k in (1, 3) for s in range(2)]
+    records = [make_run_record("cluspro", "synthetic", "closed", s, {"test": {"auc": 0.1 + k / 100}},
+                               variant=f"k-{k}", overrides={"n_prototypes": k}) for k in (1, 3) for s in range(2)]
     with _umask(0o022):
         out = ablation_sweep_figure(records, "cluspro", "synthetic", ClusPro.ablation_sweeps(), tmp_path / "p.png")
     assert _mode(out) == 0o644
@@ -164,27 +165,29 @@ DEEP = "[" * 200_000
 
 
 def test_deeply_nested_record_is_skipped_by_table(tmp_path):
-    write_record(_record(seed=0, auc=0.25), tmp_path)
-    deep = tmp_path / "csp" / "synthetic" / "closed" / "seed1.json"
+    good = write_record(_record(seed=0, auc=0.25), tmp_path)
+    deep = good.with_name("seed1.json")
     deep.write_text(DEEP)
     res = CliRunner().invoke(cli, ["table", "--results-dir", str(tmp_path), "--format", "csv"])
     assert res.exit_code == 0, res.output
     assert "Traceback" not in res.output and "RecursionError" not in res.output
-    assert f"skipping {deep}: JSON nested too deeply" in res.output
+    assert f"skipping {deep}: not a record: JSON nested too deeply to read" in res.output
     assert "25.0" in res.output  # the readable record still makes the table
 
 
 def test_deeply_nested_record_counts_as_unfinished_for_skip_existing(tmp_path):
-    from czsl_bench.records import RecordError, is_finished, load_records, read_record
+    from czsl_bench.records import RecordError, find_existing, load_records, read_record, record_path
 
-    deep = tmp_path / "seed0.json"
+    ident = make_identity("csp", "synthetic", "closed", 0)
+    deep = record_path(tmp_path, ident)
+    deep.parent.mkdir(parents=True)
     deep.write_text('{"schema_version": 1, "config": ' + DEEP)
-    assert is_finished(deep) is False
-    with pytest.raises(RecordError, match=r"seed0\.json: JSON nested too deeply"):
+    assert find_existing(tmp_path, ident) is None
+    with pytest.raises(RecordError, match=r"seed0\.json: not a record: JSON nested too deeply to read$"):
         read_record(deep)
     reasons = []
     assert load_records(tmp_path, on_error=lambda p, why: reasons.append(why)) == []
-    assert reasons == ["JSON nested too deeply to be a run record"]
+    assert reasons == ["not a record: JSON nested too deeply to read"]
 
 
 def test_skip_existing_sweep_reruns_over_a_deeply_nested_record(tmp_path):
@@ -194,7 +197,9 @@ def test_skip_existing_sweep_reruns_over_a_deeply_nested_record(tmp_path):
 
     with registered_toy_dataset(tmp_path / "toy"):
         results = tmp_path / "results"
-        deep = record_path(results, "clip", "toy", "closed", 0)
+        # the path of the run's record (it depends on method, dataset, backbone, setting and seed only)
+        deep = record_path(results, make_identity("clip", "toy", "closed", 0,
+                                                  backbone={"arch": "czsl-tiny-vit", "pretrained": None}))
         deep.parent.mkdir(parents=True)
         deep.write_text(DEEP)
         res = CliRunner().invoke(cli, ["run", "clip", "--dataset", "toy", "--seed", "0,1", "--skip-existing",

@@ -18,8 +18,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from czsl_bench import api
 from czsl_bench.cli import cli
-from czsl_bench.config import resolve_config
+from czsl_bench.config import resolve, resolve_config
+from czsl_bench.datasets.plugin import RECIPES, DatasetPlugin
 from czsl_bench.method import Method, NoConfig, RunContext, TrainConfig, check_method_class
 from czsl_bench.registry import METHODS
 from fixtures.toy_world import registered_toy_dataset
@@ -56,15 +58,32 @@ def test_check_method_class_names_the_problem(cls, message):
         check_method_class(cls)
 
 
-def test_builtin_methods_satisfy_the_contract_for_every_dataset():
-    for name in ("clip", "coop", "csp"):
-        cls = METHODS.get(name)
-        check_method_class(cls)
-        for dataset in ("mit-states", "ut-zappos", "cgqa", "synthetic", "someone-elses"):
-            cfg = cls.Config.defaults(dataset)
-            assert dataclasses.is_dataclass(cfg) and isinstance(cfg, cls.Config)
-        for variant, overrides in cls.ablations().items():  # every ablation resolves
-            resolve_config(cls.Config, "synthetic", overrides)
+class _SomeoneElses(DatasetPlugin):
+    """A third-party dataset: it declares a recipe family, methods never see its name."""
+
+    name = "someone-elses"
+    recipe = "ut-zappos"
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_registered_method_satisfies_the_contract_for_every_recipe(name):
+    cls = METHODS.get(name)
+    check_method_class(cls)
+    for recipe in RECIPES:
+        cfg = cls.Config.defaults(recipe)
+        assert dataclasses.is_dataclass(cfg) and isinstance(cfg, cls.Config)
+        assert resolve(cls, recipe).config == cfg  # the one resolve pipeline starts from the recipe
+    # a third-party dataset's runs take the defaults of the recipe its plugin declares
+    assert api.resolve_method_config(cls, _SomeoneElses()).config == cls.Config.defaults("ut-zappos")
+    for variant, overrides in cls.ablations().items():  # every ablation resolves, by name too
+        resolve_config(cls.Config, "synthetic", overrides)
+        resolved = resolve(cls, "synthetic", ablation=variant)
+        assert all(resolved.sources[k].startswith(("ablation", "derived")) for k in resolved.changed)
+    assert getattr(cls, "track", "inductive") in ("inductive", "transductive")
+
+
+def test_the_contract_test_covers_the_built_in_methods():
+    assert {"clip", "coop", "csp", "troika", "cluspro", "cluspro-base"} <= set(METHODS.names())
 
 
 # -- default hooks ----------------------------------------------------------------------------
@@ -104,7 +123,8 @@ def _ctx(cfg=None):
 
 def test_zero_shot_methods_do_not_train():
     method = _ZeroShot()
-    assert not method.trains and method.fit(_ctx()) is None and method.parameters() == []
+    assert not method.trains and method.parameters() == []
+    assert not hasattr(method, "fit")  # the harness trains (Trainer(...).fit(method, ctx)), not the method
 
 
 def test_default_parameters_and_state_dict_come_from_the_modules():
@@ -124,11 +144,63 @@ def test_default_parameters_and_state_dict_come_from_the_modules():
     assert not method.head.training
 
 
-def test_a_trainable_method_without_a_trainer_says_how_to_run_it():
-    method = _Trainable(_Cfg.defaults("toy"))
-    method.prepare(_ctx())
-    with pytest.raises(RuntimeError, match="use czsl_bench.api.run"):
-        method.fit(_ctx(method.config))
+class _ToyZeroShot(Method):
+    name = "toy-zero-shot"
+    Config = NoConfig
+
+    def score(self, ctx, split):
+        return torch.zeros(len(split), len(split.pairs))
+
+
+class _ToyTrainable(_ToyZeroShot):
+    name = "toy-trainable"
+    Config = _Cfg
+
+    def prepare(self, ctx):
+        self.head = torch.nn.Linear(2, 1)
+
+    def modules(self):
+        return [self.head]
+
+    def train_dataset(self, ctx):
+        return torch.utils.data.TensorDataset(torch.ones(4, 2))
+
+    def training_step(self, ctx, batch):
+        return self.head(batch[0]).pow(2).mean()
+
+
+@pytest.fixture
+def toy_methods():
+    METHODS.register()(_ToyZeroShot)
+    METHODS.register()(_ToyTrainable)
+    yield
+    METHODS.unregister("toy-zero-shot")
+    METHODS.unregister("toy-trainable")
+
+
+def test_the_harness_trains_exactly_the_methods_that_train(toy_methods, tmp_path, monkeypatch):
+    """The harness calls the shared Trainer with the run's training fingerprint when
+    ``method.trains``, and never for a zero-shot method."""
+    from czsl_bench.training import Trainer
+
+    calls = []
+    real_fit = Trainer.fit
+
+    def spy(self, method, ctx):
+        calls.append((method.name, self.fingerprint, self.checkpoint_dir))
+        return real_fit(self, method, ctx)
+
+    monkeypatch.setattr(Trainer, "fit", spy)
+    opts = dict(backbone="czsl-tiny-vit", pretrained="none", results_dir=tmp_path / "r", cache_dir=tmp_path / "c")
+    with registered_toy_dataset(tmp_path / "toy"):
+        zero = api.run("toy-zero-shot", "toy", **opts)
+        assert calls == [] and zero.chosen_epoch is None and zero.environment["training"] is None
+        trained = api.run("toy-trainable", "toy", **opts)
+    assert [name for name, _, _ in calls] == ["toy-trainable"]
+    _, fingerprint, checkpoint_dir = calls[0]
+    assert fingerprint == api.training_fingerprint(trained.run_identity)
+    assert checkpoint_dir == tmp_path / "r" / ".checkpoints" / "toy-trainable" / "toy" / fingerprint
+    assert trained.chosen_epoch == 1 and trained.environment["training"]["epochs"] == 1
 
 
 # -- the worked example: an installable plugin ---------------------------------------------------
@@ -180,7 +252,11 @@ def test_the_example_plugin_runs_end_to_end_through_the_cli(installed_plugin, tm
     assert result.exit_code == 0, result.output
     for seed in (0, 1):
         for setting in ("closed", "open"):
-            record = json.loads((results / "linear-adapter" / "toy" / setting / f"seed{seed}.json").read_text())
+            # --set changed the recipe's epochs and batch size: a custom-<cfg8> configuration folder
+            [path] = (results / "linear-adapter" / "toy" / "czsl-tiny-vit-random" / setting).glob(
+                f"custom-*/seed{seed}.json")
+            record = json.loads(path.read_text())
+            assert record["overrides"] == {"epochs": 2, "batch_size": 12}
             assert record["method"] == "linear-adapter" and record["config"]["epochs"] == 2
             assert record["params"]["trainable"] == 128 * 128 + 128
             assert record["chosen_epoch"] in (1, 2)

@@ -14,7 +14,7 @@ from czsl_bench.method import RunContext, check_method_class, parameter_counts
 from czsl_bench.methods.clip import CLIPConfig, CLIPZeroShot
 from czsl_bench.methods.coop import CoOp, CoOpConfig
 from czsl_bench.methods.csp import CSP, CSPConfig
-from czsl_bench.methods.soft_prompt import clean_name
+from czsl_bench.names import clean_name
 from czsl_bench.seeding import seed_everything
 from czsl_bench.training import Trainer
 from fixtures.toy_world import ToyPlugin, write_toy_world
@@ -32,9 +32,11 @@ def backbone():
 
 
 def make(method_cls, world, backbone, **overrides):
-    cfg = dataclasses.replace(method_cls.Config.defaults("toy"), **overrides)
+    # a dataset's method defaults are those of the recipe family its plugin declares
+    cfg = dataclasses.replace(method_cls.Config.defaults(ToyPlugin.recipe), **overrides)
     method = method_cls(cfg)
-    ctx = RunContext(dataset_name="toy", dataset=world, backbone=backbone, config=cfg, seed=0)
+    ctx = RunContext(dataset_name="toy", dataset=world, backbone=backbone, config=cfg, seed=0,
+                     name_policy=ToyPlugin.name_policy)
     with torch.no_grad():
         method.prepare(ctx)
     return method, ctx
@@ -73,6 +75,7 @@ def test_clip_scores_are_100_cos_of_the_cleaned_prompt(world, backbone):
     scale = float(backbone.logit_scale)
     torch.testing.assert_close(scores, scale * img @ txt.t(), atol=1e-4, rtol=1e-4)
     assert clean_name("Boots.Ankle") == "boots ankle" and clean_name("traffic_light") == "traffic_light"
+    assert ctx.clean_name("Boots.Ankle") == "boots ankle"  # the run's (the dataset's) policy
 
 
 @pytest.mark.parametrize("cls", [CoOp, CSP])

@@ -12,14 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from czsl_bench import records as rec_mod
+from czsl_bench.identity import RunIdentity
 from czsl_bench.records import (
     METRICS,
     SCHEMA_VERSION,
     RecordError,
     RunRecord,
     environment,
+    find_existing,
     git_revision,
-    is_finished,
     json_schema,
     load_records,
     read_record,
@@ -27,11 +28,16 @@ from czsl_bench.records import (
     write_record,
 )
 
+from fixtures.records import make_identity, make_run_record
+
 REPO = Path(__file__).resolve().parents[1]
 REPORTED = REPO / "results" / "reported"
+REFERENCE = REPO / "results" / "reference"
+BACKBONE_DIR = "ViT-L-14-quickgelu-openai"  # <arch>-<tag> of make_record's backbone
 
 
 def make_record(**changes) -> RunRecord:
+    """A complete schema-2 run record; its identity follows the changed fields."""
     base = dict(
         method="csp", dataset="mit-states", setting="closed", seed=0,
         metrics={"val": {"best_seen": 0.5, "best_unseen": 0.4, "best_hm": 0.35, "auc": 0.2, "bias": -1.25},
@@ -42,7 +48,8 @@ def make_record(**changes) -> RunRecord:
         created="2026-01-01T00:00:00Z",
     )
     base.update(changes)
-    return RunRecord(**base)
+    method, dataset, setting, seed, metrics = (base.pop(k) for k in ("method", "dataset", "setting", "seed", "metrics"))
+    return make_run_record(method, dataset, setting, seed, metrics, **base)
 
 
 def test_json_round_trip_is_exact():
@@ -54,9 +61,26 @@ def test_json_round_trip_is_exact():
 
 
 def test_record_path_is_deterministic_and_folds_in_the_variant(tmp_path):
-    assert record_path(tmp_path, "csp", "mit-states", "closed", 2) == tmp_path / "csp/mit-states/closed/seed2.json"
-    assert record_path("results", "cluspro", "ut-zappos", "open", 0, variant="k1") == \
-        Path("results/cluspro/ut-zappos/open/variants/k1/seed0.json")
+    ident = make_identity("csp", "mit-states", "closed", 2)
+    assert record_path(tmp_path, ident) == tmp_path / f"csp/mit-states/{BACKBONE_DIR}/closed/seed2.json"
+    assert record_path(tmp_path, ident) == record_path(tmp_path, make_identity("csp", "mit-states", "closed", 2))
+    # a changed config gets a folder named by the variant (or "custom") and the config's fingerprint
+    k1 = make_identity("cluspro", "ut-zappos", "open", 0, config={"K": 1},
+                       backbone={"arch": "czsl-tiny-vit", "pretrained": None})
+    cfg8 = k1.config_fingerprint
+    assert len(cfg8) == 8
+    assert record_path("results", k1, variant="k1", overrides={"K": 1}) == \
+        Path(f"results/cluspro/ut-zappos/czsl-tiny-vit-random/open/k1-{cfg8}/seed0.json")
+    assert record_path("results", k1, overrides={"K": 1}) == \
+        Path(f"results/cluspro/ut-zappos/czsl-tiny-vit-random/open/custom-{cfg8}/seed0.json")
+    # a variant label that changes nothing is the plain run: the label is not part of the identity
+    assert record_path("results", k1, variant="k1") == Path("results/cluspro/ut-zappos/czsl-tiny-vit-random/open/seed0.json")
+    # another backbone, weights tag or config is another path
+    other = make_identity("cluspro", "ut-zappos", "open", 0, config={"K": 3},
+                          backbone={"arch": "czsl-tiny-vit", "pretrained": None})
+    assert record_path("results", other, "k1", {"K": 3}) != record_path("results", k1, "k1", {"K": 1})
+    tagged = make_identity("csp", "mit-states", "closed", 2, backbone={"pretrained": "/weights/my.ckpt.pt"})
+    assert record_path(tmp_path, tagged).parent.parent.name == "ViT-L-14-quickgelu-file-my"
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -64,13 +88,17 @@ def test_record_path_is_deterministic_and_folds_in_the_variant(tmp_path):
     (dict(dataset="a/b"), "dataset 'a/b' is not a valid name"),
     (dict(variant=".hidden"), "variant '.hidden' is not a valid name"),
     (dict(method="reported"), "reserved"),
+    (dict(method="reference"), "reserved"),
     (dict(setting="both"), "setting is 'both'"),
     (dict(seed=-1), "seed is -1"),
 ])
 def test_record_path_rejects_unsafe_keys(tmp_path, kwargs, message):
-    args = dict(method="csp", dataset="mit-states", setting="closed", seed=0, variant=None) | kwargs
+    args = dict(method="csp", dataset="mit-states", setting="closed", seed=0) | kwargs
+    variant = args.pop("variant", None)
+    ident = make_identity(args["method"], args["dataset"], args["setting"], args["seed"])
     with pytest.raises(RecordError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        record_path(tmp_path, **args)
+        # the variant only names a folder when the config changed
+        record_path(tmp_path, ident, variant, {"lr": 1.0} if variant else None)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -106,9 +134,62 @@ def test_from_json_rejects_unknown_and_missing_fields():
 def test_write_record_is_atomic_and_leaves_no_temp_file(tmp_path):
     record = make_record()
     path = write_record(record, tmp_path)
-    assert path == tmp_path / "csp/mit-states/closed/seed0.json"
+    assert path == tmp_path / f"csp/mit-states/{BACKBONE_DIR}/closed/seed0.json"
+    assert record.source_path == path
     assert read_record(path) == record
     assert [p.name for p in path.parent.iterdir()] == ["seed0.json"]
+
+
+def test_a_run_record_carries_its_identity_and_fingerprint():
+    record = make_record()
+    assert record.key == ("run", record.fingerprint)
+    assert record.run_identity.fingerprint == record.fingerprint
+    assert record.group_fingerprint == make_record(seed=1).group_fingerprint  # seeds of one configuration
+    assert record.group_fingerprint != make_record(config={"lr": 1e-3}).group_fingerprint
+    data = json.loads(record.to_json())
+    with pytest.raises(RecordError, match="needs an identity"):
+        RunRecord.from_dict(data | {"identity": {}, "fingerprint": None})
+    with pytest.raises(RecordError, match="does not match its identity"):
+        RunRecord.from_dict(data | {"fingerprint": "0" * 16})  # an edited file
+    other = RunIdentity.from_dict(data["identity"] | {"seed": 5})
+    with pytest.raises(RecordError, match="identity names another method, setting or seed"):
+        RunRecord.from_dict(data | {"identity": other.to_dict(), "fingerprint": other.fingerprint})
+
+
+def test_write_record_keeps_another_run_found_at_its_path(tmp_path):
+    first = make_record()
+    path = write_record(first, tmp_path)
+    other = make_record(dataset_version="another-copy", metrics={"test": {"auc": 0.3}})  # same path, other run
+    assert other.fingerprint != first.fingerprint
+    with pytest.warns(UserWarning, match="held another run"):
+        assert write_record(other, tmp_path) == path
+    kept = path.with_name(f"seed0.{first.fingerprint[:8]}.json")
+    assert read_record(path) == other and read_record(kept) == first
+    write_record(other, tmp_path)  # the same run again: rewritten in place, nothing else kept
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(["seed0.json", kept.name])
+    assert sorted(r.fingerprint for r in load_records(tmp_path)) == sorted([first.fingerprint, other.fingerprint])
+
+
+def test_write_record_never_overwrites_a_newer_schema(tmp_path):
+    path = write_record(make_record(), tmp_path)
+    newer = json.loads(path.read_text()) | {"schema_version": SCHEMA_VERSION + 1,
+                                            "environment": {"packages": {"czsl-bench": "9.9"}}}
+    path.write_text(json.dumps(newer))
+    with pytest.raises(RecordError, match=f"refusing to overwrite .*schema {SCHEMA_VERSION + 1} record "
+                                          "written by czsl-bench 9.9"):
+        write_record(make_record(), tmp_path)
+    assert json.loads(path.read_text()) == newer
+    assert [p.name for p in path.parent.iterdir()] == ["seed0.json"]
+
+
+def test_find_existing_matches_the_fingerprint_only(tmp_path):
+    record = make_record()
+    write_record(record, tmp_path)
+    found = find_existing(tmp_path, record.run_identity)
+    assert found == record and found.source_path == record.source_path
+    # same path, other identity (another dataset copy): not this run
+    assert find_existing(tmp_path, make_record(dataset_version="another-copy").run_identity) is None
+    assert find_existing(tmp_path, make_record(seed=1).run_identity) is None
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -130,7 +211,7 @@ def test_interrupted_first_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_record(make_record(), tmp_path)
     assert not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob("*.tmp"))
-    assert not is_finished(record_path(tmp_path, "csp", "mit-states", "closed", 0))
+    assert find_existing(tmp_path, make_record().run_identity) is None
 
 
 def test_killed_writer_process_never_leaves_a_partial_record(tmp_path):
@@ -156,7 +237,9 @@ def test_killed_writer_process_never_leaves_a_partial_record(tmp_path):
     time.sleep(0.2)  # now it is mid-loop: the kill lands during some write
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert "blob" in path.read_text() and is_finished(path)
+    assert "blob" in path.read_text()
+    finished = find_existing(tmp_path, read_record(path).run_identity)
+    assert finished is not None and finished.source_path == path
     # a temp file may survive a SIGKILL, but it is hidden and never read as a record
     assert [r.method for r in load_records(tmp_path)] == ["csp"]
 
@@ -201,6 +284,10 @@ def test_schema_file_matches_the_dataclass_and_validates_records(tmp_path):
     assert not list(validator.iter_errors(json.loads(make_record(environment=environment()).to_json())))
     for path in sorted(REPORTED.glob("*.json")):
         assert not list(validator.iter_errors(json.loads(path.read_text()))), path.name
+    reference = sorted(REFERENCE.rglob("*.json"))
+    assert reference  # the committed reference runs are schema-2 records too
+    for path in reference:
+        assert not list(validator.iter_errors(json.loads(path.read_text()))), path
     percent = json.loads(make_record().to_json())
     percent["metrics"]["test"]["auc"] = 19.4
     assert list(validator.iter_errors(percent))

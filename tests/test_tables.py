@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from czsl_bench.records import RunRecord, load_records
+from czsl_bench.records import load_records
 from czsl_bench.tables import (
     build_ablation_table,
     build_table,
@@ -21,14 +21,18 @@ from czsl_bench.tables import (
     to_latex,
     to_markdown,
 )
+from fixtures.records import make_run_record, metrics4
 
 REPORTED = Path(__file__).resolve().parents[1] / "results" / "reported"
 
 
-def rec(method, dataset, seed, s, u, hm, auc, setting="closed", variant=None, split="test"):
-    return RunRecord(method=method, dataset=dataset, setting=setting, seed=seed, variant=variant,
-                     metrics={split: {"best_seen": s, "best_unseen": u, "best_hm": hm, "auc": auc}},
-                     created="2026-01-01T00:00:00Z")
+# what each ablation label of these records changes (an ablation run is a changed configuration)
+VARIANT_OVERRIDES = {"k1": {"K": 1}, "no-pdl": {"use_pdl": False}, "full": {}}
+
+
+def rec(method, dataset, seed, s, u, hm, auc, setting="closed", variant=None, split="test", **fields):
+    return make_run_record(method, dataset, setting, seed, metrics4(s, u, hm, auc, split), variant=variant,
+                           overrides=VARIANT_OVERRIDES.get(variant, {}), **fields)
 
 
 # Fixed records: CSP with 3 seeds, ClusPro with 2 (MIT-States) and 1 (UT-Zappos), CLIP with 1,

@@ -99,8 +99,26 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
     _train(seed=0, tmp=tmp_path, stop_after=1)
-    with pytest.raises(ValueError, match="another method config or seed"):
+    with pytest.raises(ValueError, match=r"written by another run \(method config, .* or seed differ\)"):
         _train(seed=0, tmp=tmp_path, resume=True, lr=0.01)
+    with pytest.raises(ValueError, match="written by another run"):
+        _train(seed=1, tmp=tmp_path, resume=True)  # another seed
+
+
+def test_resume_checks_the_fingerprint_the_harness_passes(tmp_path):
+    """The harness passes the run identity's training fingerprint (backbone and weights included):
+    a checkpoint of the same config and seed but another fingerprint is never continued."""
+    def train(fingerprint, **kwargs):
+        seed_everything(0)
+        method = ToyMethod(ToyConfig.defaults("toy"))
+        method.prepare(_ctx(0))
+        return Trainer(seed=0, validate=_validate, checkpoint_dir=tmp_path, fingerprint=fingerprint,
+                       **kwargs).fit(method, _ctx(0))
+
+    train("weights-a", stop_after=1)
+    with pytest.raises(ValueError, match="written by another run .*backbone, weights"):
+        train("weights-b", resume=True)
+    assert train("weights-a", resume=True).resumed_from == 1
 
 
 def test_resume_of_a_finished_run_does_not_train_again(tmp_path):

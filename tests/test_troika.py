@@ -10,7 +10,8 @@ import torch
 from czsl_bench.backbone import load_backbone
 from czsl_bench.config import resolve_config
 from czsl_bench.method import RunContext, parameter_counts
-from czsl_bench.methods.three_path import CrossModalTraction, ThreePathModel, ThreePathSpec, clean_name
+from czsl_bench.methods.three_path import CrossModalTraction, ThreePathModel, ThreePathSpec
+from czsl_bench.names import clean_name
 from czsl_bench.methods.troika import Troika, TroikaConfig
 
 ATTRS = ["red", "wet", "old"]
@@ -66,8 +67,29 @@ def test_troika_trains_and_scores_on_the_tiny_backbone():
 
 
 def test_clean_name_matches_the_released_preprocessing():
-    assert clean_name("Faux.Fur") == "faux fur"
-    assert clean_name("ankle_boots") == "ankle boots"
+    # one policy per dataset (czsl_bench.names); "dots", the default, is the released codes'
+    assert clean_name("Faux.Fur") == clean_name("Faux.Fur", "dots") == "faux fur"
+    assert clean_name("ankle_boots", "dots-underscores") == "ankle boots"
+    assert clean_name("ankle_boots") == "ankle_boots"
+    with pytest.raises(ValueError, match="unknown name policy 'spaces'"):
+        clean_name("x", "spaces")
+
+
+def test_three_path_vocabulary_uses_the_dataset_name_policy():
+    """The three-path methods clean names with the run's policy (RunContext.clean_name)."""
+    backbone = load_backbone("czsl-tiny-vit", None, device="cpu")
+    spec = ThreePathSpec(disentangler_stages=1, cmt_layers=1)
+    objs = ["ankle_boots", "Faux.Fur"]
+    # the vocabulary is initialised from the frozen token embeddings: one backbone, no adapters
+    split = ThreePathModel(backbone, ATTRS, objs, spec, add_adapters=False,
+                           clean=lambda n: clean_name(n, "dots-underscores"))
+    spelled = ThreePathModel(backbone, ATTRS, ["ankle boots", "faux fur"], spec, add_adapters=False)
+    torch.testing.assert_close(split.vocabulary, spelled.vocabulary)
+    kept = ThreePathModel(backbone, ATTRS, objs, spec, add_adapters=False)  # "dots" keeps the underscore
+    assert not torch.allclose(kept.vocabulary, spelled.vocabulary)
+    ctx = RunContext(dataset_name="x", dataset=None, backbone=backbone, config=None, seed=0,
+                     name_policy="dots-underscores")
+    assert ctx.clean_name("ankle_boots") == "ankle boots"
 
 
 @pytest.mark.slow
