@@ -262,7 +262,7 @@ def _pass_order():
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """``Normalize(mean, std)(ToTensor()(img))`` of a uint8 batch, with torchvision's float32
     operations in its order (divide by 255, subtract the mean, divide by the std)."""
-    x = images.to(torch.get_default_dtype()).div(255)
+    x = images.to(torch.get_default_dtype()).div_(255)
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return x.sub_(m).div_(s)
