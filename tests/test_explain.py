@@ -100,8 +100,10 @@ def test_a_trained_method_trains_once_then_explains_from_its_checkpoint(toy, tmp
     args = ["csp", "--index", "2", "--set", "epochs=1", "--set", "batch_size=12"]
     first = invoke(tmp_path, *args)
     assert first.exit_code == 0, first.output
-    ckpt = tmp_path / "results" / ".checkpoints" / "csp" / "toy" / "seed0" / "last.pt"
-    assert ckpt.is_file()
+    # the run's own checkpoint folder: .checkpoints/<method>/<dataset>/<training fingerprint>/
+    ckpts = list((tmp_path / "results" / ".checkpoints" / "csp" / "toy").glob("*/last.pt"))
+    assert len(ckpts) == 1, ckpts
+    ckpt = ckpts[0]
     stamp = ckpt.stat().st_mtime_ns
     one = json.loads((tmp_path / "out" / "csp-toy-test-2.json").read_text())
     second = invoke(tmp_path, *args)
