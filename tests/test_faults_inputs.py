@@ -472,7 +472,7 @@ def test_fuzz_set(key, value, raw):
         from czsl_bench.registry import METHODS
 
         cls = METHODS.get("csp")
-        cfg = api.resolve_method_config(cls, "synthetic", [item])
+        cfg = api.resolve_method_config(cls, "synthetic", [item]).config
         assert len(calls) == 1
         assert all(math.isfinite(getattr(cfg, k)) for k in _float_fields(cls.Config))
         assert cfg.score_block >= 1 and cfg.batch_size >= 1 and cfg.text_batch_size >= 1
