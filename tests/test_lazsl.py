@@ -312,8 +312,11 @@ def test_ablate_runs_the_declared_lazsl_grid(toy, tmp_path):
             "--cache-dir", str(tmp_path / "c"), "--set", "n_crops=4", "-q"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    for name in ("full", "no-ot", "theta-1"):
-        assert (tmp_path / "r" / "lazsl" / "toy" / "closed" / "variants" / name / "seed0.json").is_file()
+    # <results>/<method>/<dataset>/<arch>-<weights>/<setting>/<variant>-<cfg8>/seed<k>.json
+    # "full" with --set n_crops=4 is no named variant any more, so its folder is custom-<cfg8>
+    for name in ("custom", "no-ot", "theta-1"):
+        found = list((tmp_path / "r" / "lazsl" / "toy").glob(f"czsl-tiny-vit-*/closed/{name}-*/seed0.json"))
+        assert len(found) == 1, sorted(p.relative_to(tmp_path) for p in (tmp_path / "r").rglob("*.json"))
     assert "no-ot" in result.output
 
 
