@@ -16,10 +16,11 @@ import torch
 from safetensors.torch import save_file
 
 import czsl_bench.backbone as bb
+import czsl_bench.clip_model as clip_model
 from czsl_bench.hashing import tensors_sha256
+from czsl_bench.clip_model import BottleneckAdapter
 from czsl_bench.backbone import (
     Backbone,
-    BottleneckAdapter,
     WeightsUnavailableError,
     load_backbone,
     read_checkpoint,
@@ -156,7 +157,7 @@ def test_adapted_block_matches_the_spec_equation(tiny):
 
     h = x + mha(blk.ln_1(x)) + adapter(tiny.adapters[0], x)
     expected = h + blk.mlp(blk.ln_2(h)) + adapter(tiny.adapters[2], h)
-    got = bb._adapted_block(blk, x, tiny.adapters[0], tiny.adapters[2])
+    got = clip_model._adapted_block(blk, x, tiny.adapters[0], tiny.adapters[2])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # ... and trained adapters do change the features
     with torch.no_grad():
@@ -175,7 +176,7 @@ def test_adapters_on_a_subset_of_blocks_touch_only_those_blocks(tiny):
         _, plain = tiny.encode_image_blocks(x, [0, 1], adapters=False)
         cls, adapted = tiny.encode_image_blocks(x, [0, 1])
         blk = tiny.visual.transformer.resblocks[1]
-        expected = bb._adapted_block(blk, plain[0], tiny.adapters[0], tiny.adapters[1])
+        expected = clip_model._adapted_block(blk, plain[0], tiny.adapters[0], tiny.adapters[1])
     assert torch.equal(adapted[0], plain[0])  # block 0 has no adapter
     torch.testing.assert_close(adapted[1], expected)
     assert torch.equal(cls, tiny.encode_image(x))
