@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from czsl_bench.backbone import load_backbone, packaged_backbone_dir
-from czsl_bench.cache import FeatureCache, image_features
+from czsl_bench.cache import FeatureCache
+from czsl_bench.features import image_features
 from czsl_bench.names import clean_name
 
 TINY = "czsl-tiny-vit"

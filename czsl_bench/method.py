@@ -30,7 +30,7 @@ Scores = torch.Tensor | Iterator[tuple[int, torch.Tensor]]
 
 
 # ---------------------------------------------------------------------------------------------
-# Progress: library code reports, only the CLI draws (style anchors §3.3)
+# Progress: library code reports, only the CLI draws (docs/architecture.md: the CLI draws, the API reports)
 # ---------------------------------------------------------------------------------------------
 class ProgressTask(Protocol):
     def advance(self, n: int = 1) -> None: ...
@@ -159,7 +159,7 @@ def _image_features(ctx: RunContext, split: Any) -> torch.Tensor:
     if ctx.cache is None:
         return encode_split_images(ctx.backbone, split, ctx.device, ctx.eval_batch_size,
                                    ctx.num_workers, ctx.progress)
-    from czsl_bench.cache import split_image_features
+    from czsl_bench.features import split_image_features
 
     with ctx.progress.task(f"image features: {split.name}", total=len(split)) as task:
         done_so_far = [0]

@@ -52,7 +52,7 @@ class CLIPZeroShot(CosineScoring, Method):
         if key in self._text:  # val and test share the pair list of their world
             return self._text[key]
         if ctx.cache is not None:  # content-hashed on disk: shared by seeds and runs
-            from czsl_bench.cache import pair_text_features
+            from czsl_bench.features import pair_text_features
 
             feats = pair_text_features(ctx.backbone, split.pairs[start:stop], self.config.template,
                                        cache=ctx.cache, batch_size=self.config.text_batch_size, clean=ctx.clean_name)

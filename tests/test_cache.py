@@ -15,16 +15,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import czsl_bench.cache as cache_mod
+import czsl_bench.features as features_mod
 from czsl_bench.backbone import load_backbone
-from czsl_bench.cache import (
-    CACHE_FORMAT_VERSION,
-    FeatureCache,
-    default_cache_root,
-    image_features,
-    pair_prompts,
-    pair_text_features,
-    split_image_features,
-)
+from czsl_bench.cache import CACHE_FORMAT_VERSION, FeatureCache, default_cache_root
+from czsl_bench.features import image_features, pair_prompts, pair_text_features, split_image_features
 from czsl_bench.cli.cache import cache as cache_cli
 from czsl_bench.names import clean_name
 
@@ -230,13 +224,13 @@ def test_pair_prompts_clean_names():
 
 def test_pair_text_features_cache_hits_and_invalidates(backbone, store, monkeypatch):
     calls = []
-    real = cache_mod.encode_token_ids
+    real = features_mod.encode_token_ids
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cache_mod, "encode_token_ids", counting)
+    monkeypatch.setattr(features_mod, "encode_token_ids", counting)
     first = pair_text_features(backbone, PAIRS, cache=store, batch_size=3)
     with torch.no_grad():
         expected = backbone.encode_text([f"a photo of {clean_name(a)} {clean_name(o)}" for a, o in PAIRS])
@@ -283,8 +277,8 @@ def test_image_features_match_direct_encoding_and_invalidate(backbone, store, tm
         torch.testing.assert_close(feats, backbone.encode_image(batch, adapters=False), rtol=1e-5, atol=1e-5)
 
     calls = []
-    real = cache_mod.encode_images
-    monkeypatch.setattr(cache_mod, "encode_images", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = features_mod.encode_images
+    monkeypatch.setattr(features_mod, "encode_images", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert torch.equal(image_features(backbone, root, names, cache=store), feats)
     assert calls == []
     # a moved dataset keeps its entries

@@ -219,6 +219,13 @@ def test_loader_refuses_a_symlinked_image_outside_the_root_but_not_links_inside(
     index = ds.split("train").images.index(rel)
     with pytest.raises(ImageDecodeError, match="leaves the dataset root"):
         ds.split("train").dataset()[index]
+    # frozen-feature extraction opens images through the same guard (czsl_bench/features.py):
+    # neither the cache key (image sizes) nor the encoder reads the file outside the root
+    from czsl_bench.features import image_list_hash
+
+    train = ds.split("train")
+    with pytest.raises(PathEscapeError, match="through a symlink"):
+        image_list_hash(train.root, train.images, train.image_path)
     # a link that stays inside the root, and an images/ folder that lives on another disk, are fine
     shutil.move(secret, toy / "kept.png")
     (toy / "images" / rel).unlink()
