@@ -285,7 +285,7 @@ def render(expl: dict[str, Any], split: Any, path: str | Path) -> Path:
         cbar.set_label("transport mass / uniform\n(1 = no preference)", fontsize=8)
         cbar.ax.tick_params(labelsize=7)
         lower.suptitle("Where each descriptor's transport mass lands, divided by how often the kept crops cover "
-                       "each pixel (spec §3). Yellow box: the descriptor's top crop and its share of the "
+                       "each pixel (docs/lazsl.md, Explanations). Yellow box: the descriptor's top crop and its share of the "
                        "descriptor's mass; dashed: the next two. Bars above: solid = region (OT) part, "
                        "light = global-view part.", fontsize=8, color="0.25")
     return _save(fig, path)

@@ -7,7 +7,7 @@ On-disk layout (docs/datasets.md), relative to a dataset root::
     images/<record['image']>                                  the image files
     descriptions.json                                         optional: {"attr obj": [text, ...]}
 
-Rules reproduced from the reference loaders (czsl / CSP / PLID / Troika, docs/datasets.md-§3):
+Rules reproduced from the reference loaders (czsl / CSP / PLID / Troika, docs/datasets.md):
 
 * ``attrs`` / ``objs`` are the sorted unions of the names in the three pair files (not the metadata);
 * closed-world pairs = sorted union of the three files; open-world pairs = attrs x objs, attr-major;

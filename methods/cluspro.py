@@ -1,6 +1,6 @@
 """ClusPro (Qu et al., ICLR 2025): clustering-based prototypes for CZSL (spec-cluspro.md).
 
-The model is the three-path base (``three_path.py``) with two disentangler stages. During
+The model is the three-path base (``three_path.py``, model in ``three_path_model.py``) with two disentangler stages. During
 training only, a non-parametric prototype memory holds K prototypes per attribute and per object,
 built on the stage-1 primitive features:
 
@@ -34,15 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from czsl_bench.methods import clustering as cl
-from czsl_bench.methods.three_path import (
-    BranchFeatures,
-    Disentangler,
-    ThreePathConfig,
-    ThreePathMethod,
-    VariantDefault,
-    VFloat,
-    VInt,
-)
+from czsl_bench.methods.three_path import ThreePathConfig, ThreePathMethod, VariantDefault, VFloat, VInt
+from czsl_bench.methods.three_path_model import BranchFeatures, Disentangler
 
 #: What ``variant`` sets (values a user has not set explicitly follow the variant).
 VARIANT_VALUES: dict[str, dict[str, float | int]] = {

@@ -8,7 +8,7 @@ vocabulary matrix at every forward. Loss: cross-entropy over the seen pairs of
 encoder; Adam on the vocabulary only, no scheduler.
 
 Per-dataset defaults: the README commands (MIT-States, UT-Zappos) and the recalled paper table
-(C-GQA, marked [paper?] in the spec). The CSP repository picks no epoch automatically; here the
+(C-GQA: a recalled paper appendix, marked uncertain in docs/methods.md, "Defaults"). The CSP repository picks no epoch automatically; here the
 harness selects the epoch on validation AUC (``--set select_metric=last`` keeps the final one).
 """
 

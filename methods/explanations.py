@@ -2,7 +2,7 @@
 
 Not a method (no entry point). A three-path score is ``s_c + p_a * p_o``: the composition
 branch's scaled cosine plus the product of the attribute and object branches' softmax
-probabilities (three_path.py ``combine``), so those two terms are the contributions, and they sum
+probabilities (three_path_model.py ``combine``), so those two terms are the contributions, and they sum
 to the score. ClusPro additionally reports, from its training state, the prototypes nearest to
 the image's stage-1 primitive features: the prototypes are kept in the method's state (and so in
 its checkpoint) for this; scoring never reads them.

@@ -1,7 +1,7 @@
 """LaZSL (Chen et al., ICCV 2025) for CZSL: local regions matched to descriptors by optimal transport.
 
-Training-free (prepare + score, no fit); spec-lazsl.md §1 (the released pipeline), §4 (this
-adaptation), §5 (batched Sinkhorn). For every image:
+Training-free (prepare + score, no fit); docs/lazsl.md "The method" (the released pipeline, this
+adaptation, batched Sinkhorn). For every image:
 
 1. **Regions.** The global view (the backbone's eval transform, i.e. the cached image feature
    ``p_g``) and ``n_crops`` square crops cut from the one decoded image tensor with
@@ -15,7 +15,7 @@ adaptation), §5 (batched Sinkhorn). For every image:
    ``w_pair, w_attr, w_obj`` split uniformly inside each group (the column marginal ``b``).
 4. **Balanced entropic OT** of crops onto descriptors, for all (image, problem) pairs as one
    batched tensor. LaZSL's hybrid cost ``1 - theta*s_ij - (1-theta)*g_j`` adds a per-column
-   constant, which a balanced plan absorbs (spec §1.6), so the plan is that of cost
+   constant, which a balanced plan absorbs (docs/lazsl.md, "The method"), so the plan is that of cost
    ``-theta*s`` and the score is ``psi = theta * <T, S> + (1 - theta) * sum_j b_j g_j``: an
    OT region score plus a DCLIP term. ``joint`` solves one OT per pair over the union of the three
    groups (attribute and object descriptors compete for crops); ``factorized`` solves one OT per
@@ -56,10 +56,10 @@ GROUPS = ("pair", "attr", "obj")
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class LaZSLConfig:
-    """LaZSL settings (spec-lazsl §1.7, §4.5). ``theta``, ``eps`` and the crop range are LaZSL's."""
+    """LaZSL settings (docs/lazsl.md, "Config"). ``theta``, ``eps`` and the crop range are LaZSL's."""
 
     mode: Literal["joint", "factorized"] = "joint"
-    # pair group: the prompt (tier 0, spec §4.1) / the description bank's sentences / the WaffleCLIP
+    # pair group: the prompt (tier 0, docs/lazsl.md "The method") / the description bank's sentences / the WaffleCLIP
     # control (bank sentences with their words replaced by random ones)
     descriptors: Literal["template", "bank", "random"] = "template"
     text_bank: str = "dataset"  # "dataset" = the dataset's descriptions.json; or a .json/.jsonl/.pkl path
@@ -111,7 +111,7 @@ class LaZSLConfig:
     @classmethod
     def defaults(cls, recipe: str) -> LaZSLConfig:
         if recipe == "synthetic":
-            # 64-px images on a 2-core CPU: fewer crops (the encoder is the whole cost, spec §4.3);
+            # 64-px images on a 2-core CPU: fewer crops (the encoder is the whole cost, docs/lazsl.md "Cost");
             # theta and the group weights chosen on validation AUC (seed 0) over theta in
             # {0.8, 0.5, 0.3} x (w_pair, w_attr, w_obj) in {1/3 each, (0.5, 0.25, 0.25),
             # (0.6, 0.2, 0.2)} (docs/lazsl.md)
@@ -154,7 +154,7 @@ def grid_boxes(width: int, height: int, grid: Sequence[tuple[float, int]]) -> Te
 def crop_views(image: Tensor, boxes: Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """``[n, 3, size, size]`` normalised crops of ``image`` (``[3, H, W]`` in [0, 1]) at ``boxes``.
 
-    One bilinear ``roi_align`` over the one decoded tensor (spec §5): no per-crop PIL resizing.
+    One bilinear ``roi_align`` over the one decoded tensor (docs/lazsl.md, "The method"): no per-crop PIL resizing.
     ``aligned=True`` treats box coordinates as continuous pixel coordinates."""
     from torchvision.ops import roi_align
 
@@ -208,7 +208,7 @@ def _first(batch):
 
 
 # ---------------------------------------------------------------------------------------------
-# Batched entropic OT (spec §5)
+# Batched entropic OT (docs/lazsl.md, "The method")
 # ---------------------------------------------------------------------------------------------
 def sinkhorn_plan(sim: Tensor, a: Tensor, b: Tensor, theta: float, eps: float, iters: int,
                   solver: str = "auto") -> Tensor:
@@ -217,7 +217,7 @@ def sinkhorn_plan(sim: Tensor, a: Tensor, b: Tensor, theta: float, eps: float, i
     1; zero entries pad problems of fewer crops or descriptors).
 
     A fixed number of iterations and no convergence test inside the loop: the loop never waits
-    for the host (spec §5). ``kernel`` iterates on ``exp(theta * (sim - max) / eps)`` (the shift is
+    for the host (docs/lazsl.md, "Cost"). ``kernel`` iterates on ``exp(theta * (sim - max) / eps)`` (the shift is
     absorbed by the scalings); ``log`` on potentials with log-sum-exp, stable for any ``eps``.
     ``auto`` takes the kernel unless its smallest entry could underflow float32 for cosine
     similarities, and falls back to the log domain if the kernel scalings are not finite (one
@@ -316,7 +316,7 @@ def _cell_inside(boxes: Tensor, width: int, height: int, cells: int) -> tuple[Te
 
 def descriptor_heatmap(boxes: Tensor, plan_col: Tensor, rows: Tensor, width: int, height: int,
                        cells: int = 32) -> Tensor:
-    """Where one descriptor's transport mass lands, coverage-corrected (spec §3):
+    """Where one descriptor's transport mass lands, coverage-corrected (docs/lazsl.md, "Explanations"):
     ``H(x, y) = sum_i (T_ij / b_j) [x, y in box_i] / sum_i a_i [x, y in box_i]``.
 
     Without the division, the centre (covered by most crops) would always look hottest. A value
@@ -536,7 +536,7 @@ class LaZSL(Method):
 
     @torch.no_grad()
     def _encode_texts(self, ctx: RunContext, texts: list[str]) -> Tensor:
-        from czsl_bench.cache import encode_token_ids, tokenize_prompts
+        from czsl_bench.features import encode_token_ids, tokenize_prompts
         from czsl_bench.hashing import sha256_lines
 
         bb = ctx.backbone
@@ -583,13 +583,13 @@ class LaZSL(Method):
         if not self.config.ot:  # the DCLIP baseline reads the global view only
             empty = torch.zeros(len(split), 0, glob.shape[1])
             return _Views(empty, torch.zeros(len(split), 0, 4), torch.zeros(len(split), 2), glob)
-        from czsl_bench.cache import image_list_hash
+        from czsl_bench.features import image_list_hash
 
         bb = ctx.backbone
         sampler = self._sampler_parts(ctx.seed)
         parts = {"kind": "lazsl_crop_features", "arch": bb.arch, "weights": bb.weights_hash,
                  "precision": bb.precision, "preprocess": bb.describe_preprocess(),
-                 "images": image_list_hash(split.root, split.images), "n": len(split.images),
+                 "images": image_list_hash(split.root, split.images, getattr(split, "image_path", None)), "n": len(split.images),
                  "split": split.name, "pipeline": CROP_PIPELINE_VERSION, **sampler}
 
         def compute() -> dict[str, Tensor]:
@@ -737,7 +737,7 @@ class LaZSL(Method):
                 out[:, rows_s.to(out.device)] = glob_part
                 continue
             k = idx_s.shape[1]
-            if k == 1:  # one descriptor: the plan is a itself (closed form, spec §1.6)
+            if k == 1:  # one descriptor: the plan is a itself (closed form, docs/lazsl.md "The method")
                 region = torch.einsum("bm,bmq->bq", a, sim_all[:, :, idx_s[:, 0]])
             else:
                 region = self._ot_region(sim_all, a, idx_s, w_s)
@@ -861,7 +861,7 @@ class LaZSL(Method):
     def explain(self, ctx: RunContext, split: Any, index: int, top: int = 5) -> dict[str, Any]:
         """Why image ``index`` got its top pairs: per pair the descriptors' contributions (they sum
         to the score; checked), each descriptor's transport plan over the kept crops, its top
-        boxes with their mass, and coverage-corrected heatmaps (spec §3)."""
+        boxes with their mass, and coverage-corrected heatmaps (docs/lazsl.md, "Explanations")."""
         self._seed = ctx.seed
         text = self.text(ctx, split)
         image, boxes = self.load_image(split, index)
@@ -904,7 +904,7 @@ class LaZSL(Method):
     @torch.no_grad()
     def deletion_test(self, ctx: RunContext, split: Any, indices: Sequence[int], target: str = "box",
                       area: float = 0.25, n_random: int = 4) -> dict[str, Any]:
-        """Faithfulness by deletion (spec §3): grey out the region an explanation points at,
+        """Faithfulness by deletion (docs/lazsl.md, "Faithfulness"): grey out the region an explanation points at,
         re-score the predicted pair, and compare the drop with greying out ``n_random`` random
         squares of the same size (seeded; the same crop boxes are re-encoded).
 
@@ -969,7 +969,7 @@ class LaZSL(Method):
     # -- ablations ------------------------------------------------------------------------------
     @classmethod
     def ablations(cls) -> dict[str, dict[str, Any]]:
-        """LaZSL's ablation rows (spec §2.5, §4.5) plus the CZSL-specific switches."""
+        """LaZSL's ablation rows (docs/lazsl.md, "Ablation grid") plus the CZSL-specific switches."""
         return {
             "full": {},
             "no-ot": {"ot": False},  # DCLIP: mean descriptor similarity of the global view

@@ -1,9 +1,9 @@
 """Troika (Huang et al., CVPR 2024): multi-path CZSL with cross-modal traction (docs/cluspro.md).
 
-The three-path model of ``three_path.py`` with one Linear-BN-ReLU-Dropout(0.5) disentangler per
+The three-path model of ``three_path_model.py`` with one Linear-BN-ReLU-Dropout(0.5) disentangler per
 primitive branch and Cross-Modal Traction: each branch's text features attend to the image's
 output tokens (``t' = normalize(t + lambda * CMT(t, tokens))``), so its logits are
-image-dependent. Defaults follow the released Troika configs (spec §4.2): Adam, weight decay
+image-dependent. Defaults follow the released Troika configs (docs/cluspro.md, "Defaults"): Adam, weight decay
 1e-5, StepLR(5, 0.5) stepped once per epoch, fp32, and per dataset the batch size, learning rate,
 vocabulary dropout, loss weights and CMT depth/dropout of that table.
 """

@@ -1,6 +1,6 @@
 """VP-CMJL (Zhang et al., ICCV 2025): visual proxies and cross-modal joint learning (docs/vpcmjl.md).
 
-The three-path base (``three_path.py``: adapters on every ViT block, three prompt prefixes, the
+The three-path base (``three_path_model.py``: adapters on every ViT block, three prompt prefixes, the
 primitive vocabulary with whole-matrix dropout, one Linear-BN-ReLU-Dropout stage per primitive)
 carries two classifiers over the same adapted image feature ``f``:
 
@@ -34,14 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from czsl_bench.methods.pair_scores import ImageSide, pair_scores
-from czsl_bench.methods.three_path import (
-    CONTEXT_LENGTH,
-    BranchFeatures,
-    ThreePathConfig,
-    ThreePathMethod,
-    VariantDefault,
-    VStr,
-)
+from czsl_bench.methods.three_path import ThreePathConfig, ThreePathMethod, VariantDefault, VStr
+from czsl_bench.methods.three_path_model import CONTEXT_LENGTH, BranchFeatures
 
 PRIM_TEMPLATE = "a photo of x"
 TWO_SLOT_TEMPLATE = "a photo of x x"

@@ -21,7 +21,7 @@ from czsl_bench.methods.cluspro import (
     assign_and_update,
     project_prototypes,
 )
-from czsl_bench.methods.three_path import Disentangler, ThreePathModel, ThreePathSpec
+from czsl_bench.methods.three_path_model import Disentangler, ThreePathModel, ThreePathSpec
 from czsl_bench.training import Trainer
 
 ATTRS = ["red", "wet", "old", "Faux.Fur"]

@@ -10,7 +10,7 @@ import torch
 from czsl_bench.backbone import load_backbone
 from czsl_bench.config import resolve_config
 from czsl_bench.method import RunContext, parameter_counts
-from czsl_bench.methods.three_path import CrossModalTraction, ThreePathModel, ThreePathSpec
+from czsl_bench.methods.three_path_model import CrossModalTraction, ThreePathModel, ThreePathSpec
 from czsl_bench.names import clean_name
 from czsl_bench.methods.troika import Troika, TroikaConfig
 

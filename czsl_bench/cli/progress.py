@@ -1,4 +1,4 @@
-"""rich progress bars on stderr for CLI commands (style anchors §3.3).
+"""rich progress bars on stderr for CLI commands (the library reports progress through callbacks; only the CLI draws).
 
 Library code only sees the small reporter protocol of :mod:`czsl_bench.method`
 (``progress.task(description, total)`` → ``advance()`` / ``update()``); this module draws it.

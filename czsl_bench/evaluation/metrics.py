@@ -1,7 +1,7 @@
 """The generalized CZSL protocol ("czsl-legacy-20bin"), dense path.
 
 This is the protocol of the czsl evaluator as CSP, PLID, Troika and ClusPro run it
-(docs/evaluation.md restates it; the spec is ../shared/docs/docs/evaluation.md):
+(docs/evaluation.md states it, with the reference implementation it is tested against):
 
 * a bias ``b`` is added to every unseen pair's score (float32), non-candidates are removed,
   and an image is correct when its pair is among the top-k;
