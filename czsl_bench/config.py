@@ -43,6 +43,10 @@ class ConfigError(ValueError):
     """A config key is unknown or a value does not fit the field's type."""
 
 
+class _NotFinite(ConfigError):
+    """nan/inf for a float: said as such, also where the field is ``float | None``."""
+
+
 # -- type introspection ------------------------------------------------------------------------
 
 
@@ -106,7 +110,8 @@ def check_value(f: dataclasses.Field, value: Any, key: str) -> None:
         if isinstance(item, float) and not math.isfinite(item):
             raise ConfigError(f"{key}: expected a finite float, got {value!r}")
     minimum = f.metadata.get("min")
-    if minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if minimum is not None and number and value < minimum:
         raise ConfigError(f"{key} must be >= {minimum}, got {value}")
 
 
@@ -144,14 +149,13 @@ def coerce(value: Any, tp: Any, key: str = "value") -> Any:
         if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
             if len(non_none) < len(args):
                 return None
-        errors = []
         for option in non_none:
             try:
                 return coerce(value, option, key)
-            except ConfigError as exc:
-                errors.append(exc)
-        if len(errors) == 1:  # Optional[X]: X's own message says more ("a finite float")
-            raise errors[0]
+            except _NotFinite:
+                raise
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
     if origin is Literal:
@@ -234,7 +238,7 @@ def coerce(value: Any, tp: Any, key: str = "value") -> Any:
         if number is None:
             raise ConfigError(f"{key}: expected a float, got {value!r}")
         if not math.isfinite(number):  # "nan", "inf", "1e999", YAML .nan
-            raise ConfigError(f"{key}: expected a finite float, got {value!r}")
+            raise _NotFinite(f"{key}: expected a finite float, got {value!r}")
         return number
 
     if tp is str:

@@ -602,3 +602,20 @@ def test_run_records_name_the_cpu_kernels_torch_dispatches_to():
     assert device["cpu_model"] and device["cpu_model"] != "" and "torch_threads" in device
     assert "blas" in device or "onednn" in device or not torch.backends.mkldnn.is_available()
     assert environment("cpu")["device"]["cpu_capability"] == device["cpu_capability"]
+
+
+def test_optional_float_fields_say_finite_and_keep_none():
+    from dataclasses import dataclass
+
+    from czsl_bench.config import ConfigError, parse_overrides
+
+    @dataclass
+    class Cfg:
+        threshold: float | None = None
+        k: int | None = 5
+
+    assert parse_overrides(["threshold=none", "k=none"], Cfg) == {"threshold": None, "k": None}
+    with pytest.raises(ConfigError, match=r"^threshold: expected a finite float, got 'nan'$"):
+        parse_overrides(["threshold=nan"], Cfg)
+    with pytest.raises(ConfigError, match=r"^k: expected int \| None, got 'x'$"):
+        parse_overrides(["k=x"], Cfg)
