@@ -9,6 +9,5 @@ python=${PYTHON:-.venv/bin/python}
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   "$python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))'
-  "$python" -m pytest -q -m gpu -s -p no:cacheprovider tests/ \
-    ${GPU_CHECK_EXTRA:-tests/test_gpu.py tests/test_image_transforms.py}
+  "$python" -m pytest -q -m gpu -s -rs -p no:cacheprovider tests/
 } 2>&1 | tee "$out/gpu-check.log"
