@@ -274,3 +274,65 @@ def test_training_step_backpropagates_into_every_part(world, backbone, tmp_path)
     for part in ("prompt.vocab", "prompt.context", "text_attn.", "image_attn.", "attr_mlp.", "obj_mlp.", "vit_block."):
         assert any(n.startswith(part) for n in names), part
     assert all(p.grad is None for p in backbone.model.parameters())  # the backbone's own block is untouched
+
+
+# ---------------------------------------------------------------------------------------------
+# The real architecture: ViT-L/14 (QuickGELU) with random weights on CPU
+# ---------------------------------------------------------------------------------------------
+# docs/plid.md derives these by hand: d = 768 (embed and text width), W = 1024 (vision width)
+#   vocabulary (|A| + |O|) * d, context 3 * d, each cross-attention block 12 d^2 + 15 d,
+#   the two VLPD MLPs 2 * (8 d^2 + 5 d), the last ViT block 12 W^2 + 13 W (UT-Zappos, C-GQA)
+VOCAB = {"mit-states": (115, 245), "ut-zappos": (16, 12), "cgqa": (413, 674)}
+EXPECTED_TRAINABLE = {"mit-states": 23_902_464, "ut-zappos": 36_243_712, "cgqa": 37_057_024}
+
+
+def _hand_count(recipe: str) -> int:
+    d, w = 768, 1024
+    a, o = VOCAB[recipe]
+    cfg = PLIDConfig.defaults(recipe)
+    return ((a + o) * d + 3 * d + 2 * (12 * d * d + 15 * d) + 2 * (8 * d * d + 5 * d)
+            + (12 * w * w + 13 * w if cfg.tune_vit else 0))
+
+
+@pytest.fixture(scope="module")
+def vit_l():
+    torch.manual_seed(0)
+    return load_backbone("ViT-L-14-quickgelu", None, device="cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["mit-states", "ut-zappos", "cgqa"])
+def test_trainable_parameters_on_vit_l14_match_the_hand_count(vit_l, recipe):
+    from czsl_bench.methods.plid import PLIDModel
+
+    assert _hand_count(recipe) == EXPECTED_TRAINABLE[recipe]
+    a, o = VOCAB[recipe]
+    model = PLIDModel(vit_l, [f"state{i}" for i in range(a)], [f"thing{i}" for i in range(o)],
+                      PLIDConfig.defaults(recipe), torch.device("cpu"), lambda n: n)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == EXPECTED_TRAINABLE[recipe]
+    assert model.text_attn.attn.num_heads == 12
+
+
+@pytest.mark.slow
+def test_vit_l14_forward_backward_and_one_step_on_cpu(vit_l, world, tmp_path):
+    bank = _bank(tmp_path)
+    cfg = dataclasses.replace(PLIDConfig.defaults("ut-zappos"), text_bank=str(bank), num_aug=2, num_texts=3, amp=False)
+    method = PLID(cfg)  # last ViT block tuned, group_gauss off; C-GQA's grouped bound is exercised above
+    ctx = RunContext(dataset_name="toy", dataset=world, backbone=vit_l, config=cfg, seed=0)
+    method.prepare(ctx)
+    data = method.train_dataset(ctx)
+    batch = [torch.stack([data[i][j] for i in (0, 7)]) for j in range(3)]  # 2 images, 2 views each
+    assert batch[0].shape == (2, 3, 224, 224) and batch[1].shape == (2, 2, 3, 224, 224)
+    params = method.parameters()
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.Adam(params, lr=1e-4, eps=cfg.adam_eps)
+    method.train_mode(True)
+    loss = method.training_step(ctx, batch)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert method.model.vit_block.mlp.c_fc.weight.grad.abs().sum() > 0
+    assert method.model.prompt.vocab.grad.abs().sum() > 0 and method.model.image_attn.ln_q.weight.grad is not None
+    assert all(p.grad is None for p in vit_l.model.parameters())
+    optimizer.step()
+    changed = sum(not torch.equal(b, p.detach()) for b, p in zip(before, params))
+    assert changed == len(params)
