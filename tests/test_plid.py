@@ -276,6 +276,31 @@ def test_training_step_backpropagates_into_every_part(world, backbone, tmp_path)
     assert all(p.grad is None for p in backbone.model.parameters())  # the backbone's own block is untouched
 
 
+
+@pytest.mark.parametrize("tune_vit, train_views", [(True, "fresh"), (False, "fresh"), (False, "fixed")])
+def test_every_image_path_trains_and_scores(world, backbone, tmp_path, tune_vit, train_views):
+    # tuned last block (images through the encoder), frozen encoder with fresh view images per
+    # step (the released training), frozen encoder with one cached set of view features
+    bank = _bank(tmp_path)
+    cfg = dataclasses.replace(PLIDConfig.defaults("synthetic"), text_bank=str(bank), num_aug=2,
+                              tune_vit=tune_vit, train_views=train_views, label_smoothing=0.01)
+    method = PLID(cfg)
+    ctx = RunContext(dataset_name="toy", dataset=world, backbone=backbone, config=cfg, seed=0)
+    method.prepare(ctx)
+    data = method.train_dataset(ctx)
+    batch = [torch.stack([data[i][j] for i in range(3)]) for j in range(3)]
+    assert batch[1].dim() == (3 if train_views == "fixed" and not tune_vit else 5)  # [B, M, D] or [B, M, 3, H, W]
+    method.train_mode(True)
+    loss = method.training_step(ctx, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and method.model.prompt.vocab.grad.abs().sum() > 0
+    method.train_mode(False)
+    split = world.split("val")
+    scores = method.score(ctx, split)
+    assert scores.shape == (len(split), len(split.pairs)) and torch.isfinite(scores).all()
+    torch.testing.assert_close(method.score(ctx, split), scores)  # seeded views: the same numbers again
+
+
 # ---------------------------------------------------------------------------------------------
 # The real architecture: ViT-L/14 (QuickGELU) with random weights on CPU
 # ---------------------------------------------------------------------------------------------
