@@ -181,7 +181,6 @@ def grouped_upper_bound(logits: Tensor, image: Tensor, mean: Tensor, sentences: 
     in backward (checkpointed), so the memory is that of the largest group, not of all classes.
     The result equals the full computation (tests/test_plid.py)."""
     rows = centred_samples(mean[target], sentences[target])  # [S, B, D]: the labels' samples
-    out = torch.empty_like(logits)
     grad = torch.is_grad_enabled() and (mean.requires_grad or image.requires_grad)
 
     def block(idx: Tensor, img: Tensor, m: Tensor, r: Tensor) -> Tensor:
@@ -194,7 +193,9 @@ def grouped_upper_bound(logits: Tensor, image: Tensor, mean: Tensor, sentences: 
         else:
             term = block(idx, image, mean, rows)
         parts.append((idx, term))
-    out = out.index_copy(1, torch.cat([i for i, _ in parts]), torch.cat([t for _, t in parts], dim=1))
+    order = torch.cat([i for i, _ in parts]).to(logits.device)
+    terms = torch.cat([t for _, t in parts], dim=1)
+    out = torch.empty_like(terms).index_copy(1, order, terms)  # back to class order
     return logits + 0.5 * scale ** 2 * out
 
 
@@ -626,7 +627,7 @@ class PLID(Method):
             loss = F.cross_entropy(logits.float(), target)
         return loss + loss_prims
 
-    def _primitive_logits(self, image: Tensor, mu: Tensor, pair_attr: Tensor, pair_obj: Tensor,
+    def _primitive_logits(self, image: Tensor, mu: Tensor | None, pair_attr: Tensor | None, pair_obj: Tensor | None,
                           prim_sentences: tuple[Tensor, Tensor], targets: tuple[Tensor, Tensor] | None,
                           prim_means: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """``[B, |A|]`` and ``[B, |O|]`` VLPD logits (bounded when ``targets`` are given); a primitive
@@ -694,7 +695,6 @@ class PLID(Method):
         image = self.image_features(ctx, split)
         text = self._world_text(ctx, split)
         n_pairs = len(split.pairs)
-        ds = ctx.dataset
         pa, po = split.pair_attr.to(ctx.device), split.pair_obj.to(ctx.device)
         lam = cfg.test_lambda if (cfg.vlpd and cfg.fusion) else 0.0
         if n_pairs <= cfg.score_block:
@@ -729,8 +729,7 @@ class PLID(Method):
                 no.index_add_(0, po, torch.ones_like(po, dtype=no.dtype))
             prims = (sa / na.clamp(min=1)[:, None], na > 0, so / no.clamp(min=1)[:, None], no > 0)
             with torch.no_grad():
-                attr, obj = self._primitive_logits(image, sa, split.pair_attr, split.pair_obj, (None, None), None,
-                                                   prim_means=prims)
+                attr, obj = self._primitive_logits(image, None, None, None, (None, None), None, prim_means=prims)
         for start, stop in iter_column_blocks(n_pairs, cfg.score_block):
             with torch.no_grad():
                 mu = self._means(ctx, split, text, start, stop)
