@@ -112,6 +112,12 @@ def test_cli_generate_then_info(tiny_lm, toy, tmp_path):
                               "--batch-size", "8", "--max-new-tokens", "5", "--device", "cpu", "-q"])
     assert res.exit_code == 0, res.output
     assert "9 pairs" in res.output and len(out.read_text().splitlines()) == 9
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:5]))  # as if killed after 5 pairs: the same command continues
+    res = runner.invoke(cli, ["text", "generate", "toy", "--model", str(tiny_lm), "--out", str(out), "--num-gen", "2",
+                              "--batch-size", "8", "--max-new-tokens", "5", "--device", "cpu", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "5 already there, 4 generated" in res.output and out.read_text() == "".join(lines)
     res = runner.invoke(cli, ["text", "info", str(out), "--dataset", "toy", "--json"])
     assert res.exit_code == 0, res.output
     cov = json.loads(res.output)

@@ -110,13 +110,19 @@ def generate(dataset: str, model: str | None, out: str | None, pairs: str, num_g
         loaded = None
         from czsl_bench.text_generate import done_pairs
 
-        if len(done_pairs(Path(out).expanduser())) < len(pair_list):
+        already = len(done_pairs(Path(out).expanduser()))
+        if already < len(pair_list):
             loaded = load_model(model, device)
+        remaining = (len(pair_list) - already) * num_gen
+        label = f"describe {len(pair_list) - already:,} {dataset} pairs" + (f" ({already:,} done)" if already else "")
         with RichProgress(enabled=not quiet) as progress:
-            with progress.task(f"describe {len(pair_list):,} {dataset} pairs", total=len(pair_list) * num_gen) as task:
-                seen = [0]
+            # the bar counts this session's samples only, so its time estimate is not fooled by a resume
+            with progress.task(label, total=remaining) as task:
+                seen: list[int | None] = [None]
 
                 def report(done: int, total: int) -> None:
+                    if seen[0] is None:
+                        seen[0] = done
                     task.advance(done - seen[0])
                     seen[0] = done
 
