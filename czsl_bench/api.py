@@ -383,7 +383,15 @@ def run_identity(method: str, config: Any, plugin: Any, dataset: Any, backbone: 
         backbone={"arch": arch, "pretrained": tag, "weights_hash": weights_identity(backbone.weights_hash, tag)},
         dataset={"name": plugin.name, "version": dataset.version}, setting=setting, seed=seed,
         protocol=PROTOCOL_VERSION, feasibility=plugin.feasibility if setting == "open" else None,
-        track=_method_track(method))
+        track=_method_track(method), inputs=_method_inputs(method, config, dataset))
+
+
+def _method_inputs(method: str, config: Any, dataset: Any) -> dict[str, Any]:
+    """The content hashes a method declares for its own input files (``Method.identity_inputs``)."""
+    from czsl_bench.registry import METHODS
+
+    hook = getattr(METHODS.get(method), "identity_inputs", None)
+    return dict(hook(config, dataset)) if callable(hook) else {}
 
 
 def _method_track(method: str) -> str:

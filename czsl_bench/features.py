@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from czsl_bench.backbone import Backbone
 
 __all__ = [
+    "cached_text_features",
     "encode_images",
     "encode_texts",
     "encode_token_ids",
@@ -82,6 +83,26 @@ def encode_token_ids(
             if progress is not None:
                 progress(stop, len(ids))
     return out
+
+
+def cached_text_features(backbone: Backbone, cache: FeatureCache | None, texts: Sequence[str],
+                         batch_size: int = 1024) -> Tensor:
+    """Frozen text features ``[len(texts), D]`` (float32, CPU, not normalised) of plain sentences,
+    read from ``cache`` when given (keyed by backbone, context length and the texts' hash).
+
+    The description banks of LaZSL and PLID go through here: a bank is encoded once per backbone."""
+    ids = tokenize_prompts(backbone, texts)
+
+    def compute() -> dict[str, Tensor]:
+        return {"features": encode_token_ids(backbone, ids, batch_size)}
+
+    if cache is None:
+        return compute()["features"].float()
+    parts = {"kind": "text_features", "arch": backbone.arch, "weights": backbone.weights_hash,
+             "precision": backbone.precision, "context_length": int(ids.shape[1]),
+             "texts": sha256_lines(texts), "n": len(texts)}
+    meta = {"arch": backbone.arch, "n": len(texts), "first": texts[0] if texts else ""}
+    return cache.get_or_compute(parts, compute, meta=meta)["features"].float()
 
 
 def encode_texts(

@@ -4,8 +4,10 @@ A record is the same result as another exactly when their identities are equal. 
 holds the method and its fully resolved config (every field, defaults included), the backbone
 (architecture, weights tag and the hash of the loaded weights), the dataset (name and content
 version: a hash of its vocabulary, split pairs and split image lists), the setting, the seed,
-the evaluator's protocol version, the open-world feasibility source and the evaluation track
-(``inductive`` for every method here; a test-time-adaptive method would say ``transductive``).
+the evaluator's protocol version, the open-world feasibility source, the evaluation track
+(``inductive`` for every method here; a test-time-adaptive method would say ``transductive``) and
+the content hashes of input files a method reads besides the dataset (``inputs``: PLID's
+description bank; absent for methods without any).
 
 What is *not* in it: the variant (ablation) name, which only labels a configuration (ClusPro's
 ``full``, ``mu-0.99`` and ``k-5`` are one configuration), paths, timings and the environment
@@ -45,13 +47,20 @@ class RunIdentity:
     track: str = "inductive"
     world_size: int = 1  # processes that trained it together (data-parallel); 1 = one process
     version: int = IDENTITY_VERSION
+    # content hashes of the method's own input files (``Method.identity_inputs``), e.g. PLID's
+    # description bank {"text_bank": sha256}; left out of the dict when empty, so records of
+    # methods without such inputs keep the fingerprints they always had
+    inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.track not in TRACKS:
             raise ValueError(f"track is {self.track!r}; it must be one of {', '.join(TRACKS)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not data["inputs"]:
+            data.pop("inputs")
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunIdentity":

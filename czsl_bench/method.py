@@ -243,6 +243,13 @@ class Method:
         """A JSON-ready account of why image ``index`` of ``split`` got its top pairs."""
         raise NotImplementedError(f"method {self.name!r} has no explain()")
 
+    @classmethod
+    def identity_inputs(cls, config: Any, dataset: Any) -> dict[str, Any]:
+        """Content hashes of the files this configuration reads besides the dataset (e.g. a
+        description bank: ``{"text_bank": sha256}``). They enter the run identity, so a run with
+        another bank is another result; paths do not (they go into :meth:`record_info`)."""
+        return {}
+
     def record_info(self) -> dict[str, Any]:
         """JSON-ready facts about this run that the record keeps under ``environment.method``
         (e.g. which description bank was read and how many pairs fell back); ``{}`` = none."""

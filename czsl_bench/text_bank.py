@@ -94,6 +94,69 @@ def resolve_pair_texts(bank: TextBank | None, pairs: Sequence[Pair], fallback: s
 
 
 # ---------------------------------------------------------------------------------------------
+# Cleaning (PLID's rules, spec-baselines §4.3)
+# ---------------------------------------------------------------------------------------------
+MAX_WORDS = 20
+MAX_WORD_CHARS = 30
+MAX_CHARS = 128
+MIN_CHARS = 5
+
+
+def keep_sentence(text: str) -> bool:
+    """PLID's filter: at least 5 and at most 128 characters, at most 20 words of at most 30
+    characters each, and at least one letter (a sentence of digits or punctuation is noise)."""
+    text = text.strip()
+    words = text.split()
+    return (MIN_CHARS <= len(text) <= MAX_CHARS and 0 < len(words) <= MAX_WORDS
+            and all(len(w) <= MAX_WORD_CHARS for w in words) and any(c.isalpha() for c in text))
+
+
+def clean_sentences(texts: Iterable[str]) -> list[str]:
+    """The sentences that pass :func:`keep_sentence`, stripped, each kept once, in order."""
+    out: dict[str, None] = {}
+    for t in texts:
+        t = " ".join(str(t).split())
+        if keep_sentence(t):
+            out.setdefault(t, None)
+    return list(out)
+
+
+def clean_pair_texts(bank: TextBank | None, pairs: Sequence[Pair], fallback: str = DEFAULT_FALLBACK,
+                     clean=lambda n: n) -> PairTexts:
+    """Like :func:`resolve_pair_texts`, after :func:`clean_sentences`: a pair whose sentences are
+    all dropped takes the fallback sentence too (and is counted)."""
+    if "{attr}" not in fallback or "{obj}" not in fallback:
+        raise TextBankError(f"fallback sentence {fallback!r} must contain {{attr}} and {{obj}}")
+    texts, used, missing = [], [], []
+    for a, o in pairs:
+        found = clean_sentences(bank.texts((a, o))) if bank is not None else []
+        if found:
+            texts.append(found)
+            used.append(False)
+        else:
+            texts.append([fallback.format(attr=clean(a), obj=clean(o))])
+            used.append(True)
+            missing.append((a, o))
+    return PairTexts(texts, used, missing)
+
+
+def bank_digest(bank: TextBank) -> str:
+    """The bank's identity: the file's sha256, or (in memory) a hash of its sorted entries."""
+    if bank.sha256:
+        return bank.sha256
+    h = hashlib.sha256()
+    for (a, o) in sorted(bank.entries):
+        h.update(json.dumps([a, o, list(bank.entries[(a, o)])], ensure_ascii=False).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def jsonl_line(pair: Pair, texts: Sequence[str]) -> str:
+    """One JSON Lines record of a bank (what ``text generate`` appends per pair)."""
+    return json.dumps({"attr": pair[0], "obj": pair[1], "texts": list(texts)}, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------
 def load_text_bank(path: str | Path) -> TextBank:
@@ -267,4 +330,5 @@ def coverage(bank: TextBank, dataset: Any) -> dict[str, Any]:
 
 
 __all__ = ["TextBank", "TextBankError", "PairTexts", "DEFAULT_FALLBACK", "load_text_bank", "bank_from_mapping",
-           "resolve_pair_texts", "coverage"]
+           "resolve_pair_texts", "clean_pair_texts", "clean_sentences", "keep_sentence", "bank_digest",
+           "jsonl_line", "coverage"]

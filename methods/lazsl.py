@@ -536,21 +536,9 @@ class LaZSL(Method):
 
     @torch.no_grad()
     def _encode_texts(self, ctx: RunContext, texts: list[str]) -> Tensor:
-        from czsl_bench.features import encode_token_ids, tokenize_prompts
-        from czsl_bench.hashing import sha256_lines
+        from czsl_bench.features import cached_text_features
 
-        bb = ctx.backbone
-        ids = tokenize_prompts(bb, texts)
-
-        def compute() -> dict[str, Tensor]:
-            return {"features": encode_token_ids(bb, ids, 1024)}
-
-        if ctx.cache is None:
-            return compute()["features"].float().to(ctx.device)
-        parts = {"kind": "text_features", "arch": bb.arch, "weights": bb.weights_hash, "precision": bb.precision,
-                 "context_length": int(ids.shape[1]), "texts": sha256_lines(texts), "n": len(texts)}
-        meta = {"arch": bb.arch, "n": len(texts), "first": texts[0] if texts else ""}
-        return ctx.cache.get_or_compute(parts, compute, meta=meta)["features"].float().to(ctx.device)
+        return cached_text_features(ctx.backbone, ctx.cache, texts).to(ctx.device)
 
     # -- regions --------------------------------------------------------------------------------
     def boxes_for(self, seed: int):

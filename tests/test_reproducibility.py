@@ -101,3 +101,19 @@ def test_full_runs_reproduce_the_committed_record(method, private_cache):
     record = _rerun(method, committed)
     assert record.chosen_epoch is not None
     _close(record.metrics["test"], committed["metrics"]["test"], FULL_RUN_ABS, f"{method} test")
+
+
+@pytest.mark.slow
+def test_plid_first_epoch_reproduces_the_committed_record(private_cache):
+    # PLID validates every 2 epochs, so epoch 1 of the record has a training loss but no validation;
+    # the loss pins the text bank, the seeded AugMix training views, lambda draws and the bound
+    committed = _committed("plid")
+    record = _rerun("plid", committed, overrides=["epochs=1"])
+    assert {**record.config, "epochs": committed["config"]["epochs"]} == committed["config"], \
+        "the defaults changed since the record was written"
+    assert record.identity["inputs"] == committed["identity"]["inputs"]  # the same description bank
+    mine = record.environment["training"]["history"][0]
+    theirs = committed["environment"]["training"]["history"][0]
+    assert mine["epoch"] == theirs["epoch"] == 1
+    assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-5), \
+        f"plid: epoch-1 training loss {mine['train_loss']!r} vs committed {theirs['train_loss']!r}"

@@ -109,3 +109,22 @@ def test_coverage_per_pair_list_and_the_text_info_command(tmp_path):
         assert json.loads(as_json.output)["lists"]["closed world"]["covered"] == 2
         bad = CliRunner().invoke(cli, ["text", "info", str(tmp_path / "missing.json"), "--dataset", "toy"])
         assert bad.exit_code == 1 and "does not exist" in bad.output
+
+
+def test_plid_cleaning_rules_and_the_fallback_count():
+    from czsl_bench.text_bank import TextBank, bank_digest, clean_pair_texts, clean_sentences, keep_sentence
+
+    long_word = "x" * 31
+    assert keep_sentence("a red apple.") and not keep_sentence("tiny")  # under 5 characters
+    assert not keep_sentence(" ".join(["word"] * 21))  # more than 20 words
+    assert not keep_sentence(f"a {long_word} apple")  # a word over 30 characters
+    assert not keep_sentence("a " * 60 + "apple")  # over 128 characters
+    assert not keep_sentence("12345 67890 !!!")  # no letter
+    assert clean_sentences(["  a red   apple. ", "a red apple.", "tiny", "a green apple"]) == ["a red apple.", "a green apple"]
+    bank = TextBank({("red", "apple"): ("a red apple.",), ("old", "car"): ("!!!!!",)})
+    out = clean_pair_texts(bank, [("red", "apple"), ("old", "car"), ("new", "car")], "a photo of {attr} {obj}.")
+    assert out.texts == [["a red apple."], ["a photo of old car."], ["a photo of new car."]]
+    assert out.n_fallback == 2 and out.missing == [("old", "car"), ("new", "car")]
+    # an in-memory bank's identity is a hash of its entries, independent of their order
+    other = TextBank({("old", "car"): ("!!!!!",), ("red", "apple"): ("a red apple.",)})
+    assert bank_digest(bank) == bank_digest(other) != bank_digest(TextBank({("red", "apple"): ("a red apple",)}))
