@@ -124,8 +124,8 @@ def assign_and_update(memory: PrototypeMemory, features: Tensor, labels: Tensor,
 def assign_and_update_all(sides: list[tuple[PrototypeMemory, Tensor, Tensor]], cfg: ClusProConfig) -> list[Assignment]:
     """:func:`assign_and_update` for several (memory, features, labels) sides at once (ClusPro:
     attributes and objects), solved as **one** batched OT problem. Each problem keeps its own
-    similarity matrix, so the plans are those of separate solves up to the shared stopping rule;
-    one batch of small kernels instead of one per side halves the solver's dispatch cost."""
+    similarity matrix and stops on its own, so the plans are those of separate solves; one batch
+    of small kernels instead of one per side halves the solver's dispatch cost."""
     with torch.autocast(sides[0][1].device.type, enabled=False):  # the OT runs in float64
         return _assign_and_update_all(sides, cfg)
 
@@ -161,9 +161,14 @@ def _assign_and_update_all(sides, cfg: ClusProConfig) -> list[Assignment]:
             update_index = label_index
         else:
             update_index = cl.gumbel_hard_assign(own_plan[None], tau=0.5)[0]
-        # paper: mean of the L2-normalised features; code: normalised sum of the raw features
-        new, _ = cl.ema_update(protos, F.normalize(feats, dim=-1) if paper else feats, labels, update_index,
-                               cfg.ema_momentum, renormalize=paper)
+        # paper: Eq. 9's mean, of the L2-normalised features (the prototypes live on the sphere);
+        # code: the normalised sum of the raw features
+        if paper:
+            new, _ = cl.ema_update(protos, F.normalize(feats, dim=-1), labels, update_index, cfg.ema_momentum,
+                                   mean="arithmetic", renormalize=True)
+        else:
+            new, _ = cl.ema_update(protos, feats, labels, update_index, cfg.ema_momentum,
+                                   mean="normalized", renormalize=False)
         memory.prototypes.copy_(new.to(memory.prototypes.dtype))
         out.append(Assignment(label_index, update_index, cl.marginal_error(plan), res.n_outer))
     return out

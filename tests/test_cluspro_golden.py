@@ -125,8 +125,12 @@ def test_structured_ot_reproduces_the_official_plan(group, case):
     assert err <= _tol(group)["plan_max_abs"], f"plan off by {err:.2e}"
     n_diff = int((plan.argmax(1) != t["argmax"]).sum())
     assert n_diff <= _tol(group)["argmax_n_diff"], f"{n_diff} rows change argmax"
-    # the same number of GCG steps, each of (nearly) the official length
+    # the official step rule, step by step: the same number of GCG steps, the first trial (0.99 as
+    # a float32) accepted at the same steps; the other steps are interpolated from values that
+    # the inner solvers round differently, so they agree only approximately
     assert res.n_outer == len(t["alphas"])
+    first = t["alphas"] == cl.ARMIJO_FIRST_STEP
+    assert torch.equal(res.steps[:, 0] == cl.ARMIJO_FIRST_STEP, first)
 
 
 @pytest.mark.parametrize("group,case", [(g, c) for g in GCG for c in _cases(g)])
@@ -153,7 +157,7 @@ def test_nhsic_value_and_gradients_are_the_official_ones(case):
     y = t["y"].clone().requires_grad_(True)
     value = cl.nhsic(x, y)
     value.backward()
-    assert abs(float(value) - float(t["value"])) <= tol["value_abs"], (float(value), float(t["value"]))
+    assert abs(value.item() - t["value"].item()) <= tol["value_abs"], (value.item(), t["value"].item())
     assert _rel_max(x.grad, t["grad_x"]) <= tol["grad_max_rel"]
     assert _rel_max(y.grad, t["grad_y"]) <= tol["grad_max_rel"]
 
@@ -180,6 +184,6 @@ def test_pcl_value_and_gradients_are_the_official_ones(case):
     other = t["other_prototypes"].clone().requires_grad_(True)
     value = cl.prototype_contrastive_loss(feats, own, other, t["targets"], tau=META["cases"][f"pcl/{case}"]["tau"])
     value.backward()
-    assert abs(float(value) - float(t["value"])) <= tol["value_abs"]
+    assert abs(value.item() - t["value"].item()) <= tol["value_abs"]
     for got, name in ((feats.grad, "grad_features"), (own.grad, "grad_own"), (other.grad, "grad_other")):
         assert _rel_max(got, t[name]) <= tol["grad_max_rel"], name
