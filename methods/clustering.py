@@ -486,18 +486,26 @@ def kernel_width(d2: Tensor) -> Tensor:
     """The released nHSIC's Gaussian width from a squared-distance matrix ``[N, N]``: a constant.
 
     The median (numpy's: the mean of the two middle values for an even count) of the strictly
-    lower triangle of the squared distances of the input stacked twice, ``[x; x]``: every
-    off-diagonal distance 4 times plus the N self-distances; the mean of that multiset if the
-    median is not positive; at least 0.01. Computed from detached values (the code takes it in
-    numpy), so no gradient flows through it. It is a median *squared* distance used as a width.
+    lower triangle of the squared distances of the input stacked twice, ``[x; x]``: N zeros (the
+    self-distances) and every distance between two rows 4 times, N (2N - 1) values; the mean of
+    that multiset if the median is not positive; at least 0.01. Computed from detached values
+    (the code takes it in numpy), so no gradient flows through it. It is a median *squared*
+    distance used as a width.
     """
     d2 = d2.detach()
     n = d2.shape[0]
-    off = d2[~torch.eye(n, dtype=torch.bool, device=d2.device)]  # each distance twice (i<j, i>j)
-    values = torch.cat([off, off, torch.diagonal(d2)]).sort().values  # N (2N - 1) values
-    m = values.numel()
-    median = values[m // 2] if m % 2 else 0.5 * (values[m // 2 - 1] + values[m // 2])
-    width = torch.where(median > 0, median, values.mean())
+    pairs = d2[torch.ones(n, n, dtype=torch.bool, device=d2.device).triu(1)]  # each distance once
+    count = n * (2 * n - 1)
+
+    def order_statistic(t: int) -> Tensor:
+        # the t-th smallest (0-based) of the multiset: the N zeros first, then each pair 4 times
+        return d2.new_zeros(()) if t < n else pairs.kthvalue((t - n) // 4 + 1).values
+
+    if count % 2:
+        median = order_statistic(count // 2)
+    else:
+        median = 0.5 * (order_statistic(count // 2 - 1) + order_statistic(count // 2))
+    width = torch.where(median > 0, median, 4.0 * pairs.sum() / count)
     return width.clamp_min(0.01)
 
 
