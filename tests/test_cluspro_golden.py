@@ -126,11 +126,13 @@ def test_structured_ot_reproduces_the_official_plan(group, case):
     n_diff = int((plan.argmax(1) != t["argmax"]).sum())
     assert n_diff <= _tol(group)["argmax_n_diff"], f"{n_diff} rows change argmax"
     # the official step rule, step by step: the same number of GCG steps, the first trial (0.99 as
-    # a float32) accepted at the same steps; the other steps are interpolated from values that
-    # the inner solvers round differently, so they agree only approximately
+    # a float32) accepted at the same steps; the other steps are interpolated from objective
+    # values of slightly different inner plans, so they agree only approximately (measured: 2.4e-4
+    # at worst, case 2 of gcg_code)
     assert res.n_outer == len(t["alphas"])
     first = t["alphas"] == cl.ARMIJO_FIRST_STEP
     assert torch.equal(res.steps[:, 0] == cl.ARMIJO_FIRST_STEP, first)
+    torch.testing.assert_close(res.steps[:, 0], t["alphas"], atol=1e-3, rtol=0)
 
 
 @pytest.mark.parametrize("group,case", [(g, c) for g in GCG for c in _cases(g)])
