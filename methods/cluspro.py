@@ -194,6 +194,9 @@ class ClusPro(ThreePathMethod):
 
     name = "cluspro"
     Config = ClusProConfig
+    #: 2: the released solver's interpolating Armijo line search, nHSIC in the release's trace
+    #: form with a constant width, per-problem stopping, the paper EMA as Eq. 9's mean (issue #11)
+    version = "2"
     disentangler_stages = 2
 
     def prepare(self, ctx) -> None:
@@ -344,6 +347,7 @@ class ClusProBase(ClusPro):
 
     name = "cluspro-base"
     Config = ClusProBaseConfig
+    version = "1"  # no clustering: none of ClusPro's version-2 changes reach its numbers
 
     @classmethod
     def ablations(cls) -> dict[str, dict[str, Any]]:
