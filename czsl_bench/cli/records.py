@@ -52,5 +52,8 @@ def migrate(directory: Path, target: Path | None, dataset_version: str, data_roo
         if new_path is None:
             continue
         done += 1
-        click.echo(f"{'would move' if dry_run else 'moved'} {path} -> {new_path} ({note})")
+        if new_path.resolve() == path.resolve():  # identity v1 -> v2: same path
+            click.echo(f"{'would rewrite' if dry_run else 'rewrote'} {path} ({note})")
+        else:
+            click.echo(f"{'would move' if dry_run else 'moved'} {path} -> {new_path} ({note})")
     click.echo(f"{done} record(s) {'to migrate' if dry_run else 'migrated'}", err=True)
