@@ -1,4 +1,4 @@
-"""ClusPro (Qu et al., ICLR 2025): clustering-based prototypes for CZSL (spec-cluspro.md).
+"""ClusPro (Qu et al., ICLR 2025): clustering-based prototypes for CZSL (docs/cluspro.md).
 
 The model is the three-path base (``three_path.py``) with two disentangler stages. During
 training only, a non-parametric prototype memory holds K prototypes per attribute and per object,
@@ -13,8 +13,9 @@ built on the stage-1 primitive features:
 
 No prototype is used at test time: scoring is exactly the base's.
 
-Two variants (``--set variant=paper|code``, spec §8.1): ``paper`` (default) follows the paper and
-the spec's recommendations; ``code`` reproduces the released code ``quhongyu/ClusPro@eff6884``:
+Two variants (``--set variant=paper|code``, docs/cluspro.md "Variants"): ``paper`` (default)
+follows the paper, with the choices it leaves open listed there; ``code`` reproduces the released
+code ``quhongyu/ClusPro@eff6884``:
 alpha 0.1, HSIC computed but not in the loss, tau 0.07, cost ``-P`` with zero-initialised,
 un-normalised prototypes, raw-dot-product structure similarity with kappa 2, 100 Sinkhorn
 iterations, Gumbel-hard update assignment, per-sample prototype copies through the train-mode
@@ -116,7 +117,8 @@ class Assignment:
 @torch.no_grad()
 def assign_and_update(memory: PrototypeMemory, features: Tensor, labels: Tensor, cfg: ClusProConfig) -> Assignment:
     """Solve the batched local-aware OT for the primitives present in ``labels`` and update their
-    prototypes by EMA (spec §3.3-§3.4). ``features`` are the detached stage-1 outputs ``[B, D]``."""
+    prototypes by EMA (docs/cluspro.md "The clustering", steps 1-2). ``features`` are the detached
+    stage-1 outputs ``[B, D]``."""
     return assign_and_update_all([(memory, features, labels)], cfg)[0]
 
 
@@ -274,8 +276,8 @@ class ClusPro(ThreePathMethod):
         self._diag_reduce[name] = reduce
 
     def epoch_diagnostics(self) -> dict[str, float]:
-        """Per-epoch collapse diagnostics (spec §8.2), read by the Trainer into the run record:
-        effective number of prototypes (participation ratio, mean over primitives), mean
+        """Per-epoch collapse diagnostics (docs/cluspro.md "Diagnostics in the run record"), read
+        by the Trainer into the run record: effective number of prototypes (participation ratio, mean over primitives), mean
         off-diagonal prototype cosine, the largest OT marginal error, the mean GCG steps and the
         mean clustering losses of the epoch."""
         out: dict[str, float] = {}

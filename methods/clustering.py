@@ -4,8 +4,8 @@ Everything here is a function of its inputs (plus an explicit ``torch.Generator`
 drawn), so each piece is unit-tested on its own (tests/test_clustering.py) and the model in
 ``cluspro.py`` only wires them together.
 
-* :func:`structured_ot`: the local-aware prototype assignment (spec-cluspro §3.3): entropic
-  optimal transport of a batch of features onto K prototypes with batch-wide equipartition,
+* :func:`structured_ot`: the local-aware prototype assignment (docs/cluspro.md "The clustering",
+  step 1): entropic optimal transport of a batch of features onto K prototypes with batch-wide equipartition,
   a structure (local-coherence) term, solved by a generalized conditional gradient (GCG) outer
   loop around Sinkhorn with the released solver's interpolating Armijo line search
   (:func:`armijo_interpolating`). Batched: all primitives present in a batch are solved as one
@@ -14,7 +14,7 @@ drawn), so each piece is unit-tested on its own (tests/test_clustering.py) and t
 * :func:`prototype_contrastive_loss` / :func:`pcl_targets`: L_PCL (Eq. 10).
 * :func:`nhsic`: the normalised HSIC used by L_PDL (Eq. 11), as the released code computes it.
 * :func:`participation_ratio`, :func:`mean_offdiag_cosine`, :func:`marginal_error`: the
-  per-epoch collapse diagnostics recommended in spec §8.2.
+  per-epoch collapse diagnostics (docs/cluspro.md "Diagnostics in the run record").
 
 Conventions: a transport plan ``G`` has shape ``[C, B, K]`` (problem, sample, prototype) and
 probability-mass marginals: every row sums to ``1/B`` and every column to ``1/K`` (the code's
@@ -277,7 +277,7 @@ def structured_ot(
     tol: float = 1e-6,
     armijo_c1: float = 1e-4,
 ) -> OTResult:
-    """Local-aware OT assignment (spec-cluspro §3.3), batched over problems.
+    """Local-aware OT assignment (docs/cluspro.md "The clustering", step 1), batched over problems.
 
     ``cost`` and ``weight`` are ``[C, B, K]`` (paper: ``cost = -log Q``, ``weight = Q`` with
     ``Q = softmax_k cos(f, p)``; released code: ``cost = -P``, ``weight = P``); ``similarity`` is the
@@ -355,7 +355,7 @@ def gumbel_hard_assign(plan: Tensor, tau: float = 0.5, generator: torch.Generato
     """The released code's update assignment: ``gumbel_softmax(G, tau, hard=True)`` as an index.
 
     ``argmax_k (G + g) / tau`` with standard Gumbel noise ``g``. Because the entries of G are about
-    ``1/(B K)`` while the noise has unit scale, this is close to uniform-random (spec §3.3, §3.6.2);
+    ``1/(B K)`` while the noise has unit scale, this is close to uniform-random (docs/cluspro.md "Variants");
     it is kept only to reproduce the ``code`` variant.
     """
     u = torch.rand(plan.shape, generator=generator, dtype=plan.dtype, device="cpu").to(plan.device)
@@ -421,8 +421,8 @@ def seed_prototypes(
     noise: float = 0.01,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``paper``-variant initialisation (spec §8.2): the first time a primitive appears in a batch,
-    its K prototypes become K of its features (drawn with replacement when fewer than K are
+    """``paper``-variant initialisation (docs/cluspro.md "Variants"): the first time a primitive
+    appears in a batch, its K prototypes become K of its features (drawn with replacement when fewer than K are
     present) plus Gaussian noise of scale ``noise``, L2-normalised. Returns ``(prototypes,
     initialized)``; primitives already initialised are left alone."""
     c, k, d = prototypes.shape
@@ -529,7 +529,8 @@ def _hsic(kx_centred: Tensor, ky_centred: Tensor) -> Tensor:
 
 def nhsic(x: Tensor, y: Tensor) -> Tensor:
     """Normalised HSIC ``HSIC(x, y) / (sqrt(HSIC(x, x)) sqrt(HSIC(y, y)))`` as in the released code
-    (spec §2.3; definition in tests/fixtures/golden/README.md, where the test holds it).
+    (docs/cluspro.md "The clustering", step 4; definition in tests/fixtures/golden/README.md, where
+    the test holds it).
 
     Rows are L2-normalised; Gaussian kernels ``exp(-d^2 / (2 sigma^2))`` with the constant width
     of :func:`kernel_width`; ``HSIC(X, Y) = tr(Kx H Ky H) / N^2``. ``nhsic(x, x) == 1``; for
@@ -580,7 +581,8 @@ def mean_offdiag_cosine(prototypes: Tensor) -> Tensor:
 
 def assignment_problem(features: Tensor, prototypes: Tensor, *, mode: str = "paper") -> tuple[Tensor, Tensor, Tensor]:
     """``(cost, weight, similarity)`` for :func:`structured_ot` from stage-1 features ``[B, D]`` and
-    the prototypes of the problems to solve ``[C, K, D]`` (spec §3.3 and §8.1).
+    the prototypes of the problems to solve ``[C, K, D]`` (docs/cluspro.md "The clustering", step 1,
+    and "Variants").
 
     * ``paper``: ``Q = softmax_k cos(f, p)``; ``cost = -log Q``; ``weight = Q``; ``S`` is the cosine
       similarity of the features with a zero diagonal.
