@@ -383,7 +383,8 @@ def run_identity(method: str, config: Any, plugin: Any, dataset: Any, backbone: 
         backbone={"arch": arch, "pretrained": tag, "weights_hash": weights_identity(backbone.weights_hash, tag)},
         dataset={"name": plugin.name, "version": dataset.version}, setting=setting, seed=seed,
         protocol=PROTOCOL_VERSION, feasibility=plugin.feasibility if setting == "open" else None,
-        track=_method_track(method), inputs=_method_inputs(method, config, dataset))
+        track=_method_track(method), method_version=_method_version(method),
+        inputs=_method_inputs(method, config, dataset))
 
 
 def _method_inputs(method: str, config: Any, dataset: Any) -> dict[str, Any]:
@@ -392,6 +393,14 @@ def _method_inputs(method: str, config: Any, dataset: Any) -> dict[str, Any]:
 
     hook = getattr(METHODS.get(method), "identity_inputs", None)
     return dict(hook(config, dataset)) if callable(hook) else {}
+
+
+def _method_version(method: str) -> str:
+    """The code version a method declares (``Method.version``): part of the identity, so records
+    of a method's older numerics are never taken for the current code's."""
+    from czsl_bench.registry import METHODS
+
+    return str(getattr(METHODS.get(method), "version", "1"))
 
 
 def _method_track(method: str) -> str:

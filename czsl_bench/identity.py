@@ -9,6 +9,10 @@ the evaluator's protocol version, the open-world feasibility source, the evaluat
 the content hashes of input files a method reads besides the dataset (``inputs``: PLID's
 description bank; absent for methods without any).
 
+The method also declares a code version (``Method.version``, ``method_version`` here): a change
+to a method's numerics bumps it, so every record of the older code gets another fingerprint and
+is never skipped, averaged or resumed as if it were the new one.
+
 What is *not* in it: the variant (ablation) name, which only labels a configuration (ClusPro's
 ``full``, ``mu-0.99`` and ``k-5`` are one configuration), paths, timings and the environment
 (package versions and the machine are recorded beside it; docs/results.md says how far they
@@ -27,7 +31,9 @@ from typing import Any
 
 from czsl_bench.hashing import canonical_json, short_hash
 
-IDENTITY_VERSION = 1
+IDENTITY_VERSION = 2  # 2: method_version (identity v1 records are read as method_version "1")
+#: ``Method.version`` of every method before versions were recorded (identity version 1).
+DEFAULT_METHOD_VERSION = "1"
 TRACKS = ("inductive", "transductive")
 UNKNOWN = None  # a field a migrated (schema v1) record could not know
 
@@ -46,6 +52,7 @@ class RunIdentity:
     feasibility: str | None = None  # open world only
     track: str = "inductive"
     world_size: int = 1  # processes that trained it together (data-parallel); 1 = one process
+    method_version: str = DEFAULT_METHOD_VERSION  # Method.version: the method's code version
     version: int = IDENTITY_VERSION
     # content hashes of the method's own input files (``Method.identity_inputs``), e.g. PLID's
     # description bank {"text_bank": sha256}; left out of the dict when empty, so records of
@@ -55,6 +62,11 @@ class RunIdentity:
     def __post_init__(self) -> None:
         if self.track not in TRACKS:
             raise ValueError(f"track is {self.track!r}; it must be one of {', '.join(TRACKS)}")
+        if not isinstance(self.method_version, str) or not self.method_version:
+            raise ValueError(f"method_version is {self.method_version!r}; it must be a non-empty string")
+        if self.version != IDENTITY_VERSION:
+            raise ValueError(f"identity version is {self.version!r}; this czsl-bench reads version "
+                             f"{IDENTITY_VERSION} (older ones are migrated when a record is read)")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -118,6 +130,23 @@ def weights_identity(weights_hash: str | None, pretrained: str | None) -> str | 
 
 # Fields whose None is a real value, not a gap: no feasibility in the closed world, random weights.
 _OPTIONAL = {"feasibility", "backbone.pretrained"}
+
+
+def upgrade_identity(data: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """An identity dict of an older identity version as the current one: (dict, note or None).
+
+    Version 1 had no ``method_version``; every method was at its first code version then, so a
+    version-1 identity is the same run as a version-2 one with ``method_version`` ``"1"``. A
+    method whose numerics have since changed declares a later version, so its old records get
+    fingerprints that no new run has.
+    """
+    if not isinstance(data, dict) or data.get("version", IDENTITY_VERSION) != 1:
+        return data, None
+    if "method_version" in data:
+        raise ValueError("identity version 1 has no method_version field; the file was edited")
+    upgraded = {**data, "method_version": DEFAULT_METHOD_VERSION, "version": IDENTITY_VERSION}
+    return upgraded, (f"identity v1 read as v{IDENTITY_VERSION}: method_version taken as "
+                      f"{DEFAULT_METHOD_VERSION!r} (written before method versions were recorded)")
 
 
 def backbone_label(backbone: dict[str, Any]) -> str:

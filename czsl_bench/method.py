@@ -208,6 +208,11 @@ class Method:
     #: ``inductive`` (test images are scored independently, as every method here) or
     #: ``transductive`` (adapts at test time); part of the run identity.
     track: ClassVar[str] = "inductive"
+    #: The method's code version, part of the run identity (``method_version``): bump it when a
+    #: change alters the method's numbers (same config, seed and data, other results), so records
+    #: of the old code get other fingerprints and are never skipped, averaged or resumed as new.
+    #: A subclass inherits it: one that does not share the changed code sets its own.
+    version: ClassVar[str] = "1"
     #: True when the image encoder stays frozen; the harness then asserts it is not trained.
     frozen_image_encoder: ClassVar[bool] = True
 

@@ -220,6 +220,7 @@ class RunRecord:
             raise RecordError(f"missing field(s) {', '.join(missing)}")
         if data["schema_version"] == 1:
             data = migrate_v1(data)
+        data = migrate_identity(data)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -341,6 +342,37 @@ def migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def migrate_identity(data: dict[str, Any]) -> dict[str, Any]:
+    """A run record whose identity is of an older identity version, upgraded in memory
+    (:func:`czsl_bench.identity.upgrade_identity`: version 1 lacks ``method_version``, read as
+    ``"1"``). Its stored fingerprint must still match the stored identity (else it is left for
+    validation to refuse as edited); the fingerprint is then recomputed and ``notes`` says so."""
+    from czsl_bench.hashing import short_hash
+    from czsl_bench.identity import upgrade_identity
+
+    identity = data.get("identity")
+    if data.get("source", "run") != "run" or not isinstance(identity, dict) or not identity:
+        return data
+    try:
+        upgraded, note = upgrade_identity(identity)
+    except ValueError as exc:
+        raise RecordError(str(exc)) from None
+    if note is None or data.get("fingerprint") != short_hash(identity):
+        return data
+    from czsl_bench.identity import RunIdentity
+
+    try:
+        ident = RunIdentity.from_dict(upgraded)
+    except ValueError as exc:
+        raise RecordError(str(exc)) from None
+    data = dict(data)
+    data["identity"] = ident.to_dict()
+    data["fingerprint"] = ident.fingerprint
+    data["notes"] = f"{data['notes']}; {note}" if data.get("notes") else note
+    data["provenance"] = {**(data.get("provenance") or {}), "migrated_from_identity": identity.get("version")}
+    return data
+
+
 # -- paths ------------------------------------------------------------------------------------------
 
 
@@ -419,7 +451,7 @@ def write_record(record: RunRecord, results_dir: str | Path) -> Path:
             raise RecordError(f"refusing to overwrite {path}: it is a schema {version} record written by "
                               f"czsl-bench {wrote}; this czsl-bench writes schema {SCHEMA_VERSION}. "
                               "Upgrade czsl-bench or use another --results-dir")
-        old_fp = existing.get("fingerprint")
+        old_fp = _current_fingerprint(existing)
         if record.source == "run" and old_fp and old_fp != record.fingerprint:
             keep = path.with_name(f"{path.stem}.{str(old_fp)[:8]}.json")
             os.replace(path, keep)
@@ -427,6 +459,15 @@ def write_record(record: RunRecord, results_dir: str | Path) -> Path:
     atomic_write_text(path, record.to_json())
     object.__setattr__(record, "source_path", path)
     return path
+
+
+def _current_fingerprint(raw: dict[str, Any]) -> Any:
+    """The fingerprint a file's record has once read (an older identity version is upgraded in
+    memory, so its stored fingerprint is not the one a new run of the same identity has)."""
+    try:
+        return RunRecord.from_dict(raw).fingerprint
+    except (RecordError, RecursionError):
+        return raw.get("fingerprint")
 
 
 def _peek(path: Path) -> dict[str, Any] | None:
@@ -464,13 +505,28 @@ def _read(path: Path) -> RunRecord:
 
 def migrate_file(path: Path, results_dir: str | Path, dataset_versions: dict[str, str | None] | None = None,
                  data_root: str | Path | None = None, dry_run: bool = False) -> tuple[Path | None, str]:
-    """Rewrite one schema-1 record as schema 2 under ``results_dir``; (new path or None if it is
-    not schema 1, a note). ``dataset_versions`` (a memo dict) fills the dataset version in from
+    """Rewrite one schema-1 record as schema 2 (or a schema-2 record of identity version 1 with
+    the current identity) under ``results_dir``; (new path or None if it is current, a note). ``dataset_versions`` (a memo dict) fills the dataset version in from
     the copy loadable now; None leaves it unknown."""
     from czsl_bench.identity import RunIdentity
 
     raw = _peek(Path(path))
-    if raw is None or raw.get("schema_version") != 1 or raw.get("source", "run") != "run":
+    if raw is None or raw.get("source", "run") != "run":
+        return None, "not a run record"
+    if raw.get("schema_version") == SCHEMA_VERSION:
+        if (raw.get("identity") or {}).get("version") != 1:
+            return None, "current schema and identity version"
+        # identity v1 -> v2: same path (no path part changes), fingerprint with method_version
+        record = read_record(path)
+        if record.fingerprint == raw.get("fingerprint"):
+            raise RecordError("its fingerprint does not match its identity (edited?); not migrated")
+        new_path = path_for(record, results_dir)
+        if not dry_run:
+            write_record(record, results_dir)
+            if Path(path).resolve() != new_path.resolve():
+                os.unlink(path)
+        return new_path, f"identity v1 -> v2, method_version {record.run_identity.method_version}"
+    if raw.get("schema_version") != 1:
         return None, "not a schema 1 run record"
     record = read_record(path)
     if "record copied, not re-run" in (record.notes or ""):

@@ -1,4 +1,4 @@
-"""ClusPro (Qu et al., ICLR 2025): clustering-based prototypes for CZSL (spec-cluspro.md).
+"""ClusPro (Qu et al., ICLR 2025): clustering-based prototypes for CZSL (docs/cluspro.md).
 
 The model is the three-path base (``three_path.py``, model in ``three_path_model.py``) with two disentangler stages. During
 training only, a non-parametric prototype memory holds K prototypes per attribute and per object,
@@ -13,8 +13,9 @@ built on the stage-1 primitive features:
 
 No prototype is used at test time: scoring is exactly the base's.
 
-Two variants (``--set variant=paper|code``, spec §8.1): ``paper`` (default) follows the paper and
-the spec's recommendations; ``code`` reproduces the released code ``quhongyu/ClusPro@eff6884``:
+Two variants (``--set variant=paper|code``, docs/cluspro.md "Variants"): ``paper`` (default)
+follows the paper, with the choices it leaves open listed there; ``code`` reproduces the released
+code ``quhongyu/ClusPro@eff6884``:
 alpha 0.1, HSIC computed but not in the loss, tau 0.07, cost ``-P`` with zero-initialised,
 un-normalised prototypes, raw-dot-product structure similarity with kappa 2, 100 Sinkhorn
 iterations, Gumbel-hard update assignment, per-sample prototype copies through the train-mode
@@ -109,7 +110,8 @@ class Assignment:
 @torch.no_grad()
 def assign_and_update(memory: PrototypeMemory, features: Tensor, labels: Tensor, cfg: ClusProConfig) -> Assignment:
     """Solve the batched local-aware OT for the primitives present in ``labels`` and update their
-    prototypes by EMA (spec §3.3-§3.4). ``features`` are the detached stage-1 outputs ``[B, D]``."""
+    prototypes by EMA (docs/cluspro.md "The clustering", steps 1-2). ``features`` are the detached
+    stage-1 outputs ``[B, D]``."""
     return assign_and_update_all([(memory, features, labels)], cfg)[0]
 
 
@@ -117,8 +119,8 @@ def assign_and_update(memory: PrototypeMemory, features: Tensor, labels: Tensor,
 def assign_and_update_all(sides: list[tuple[PrototypeMemory, Tensor, Tensor]], cfg: ClusProConfig) -> list[Assignment]:
     """:func:`assign_and_update` for several (memory, features, labels) sides at once (ClusPro:
     attributes and objects), solved as **one** batched OT problem. Each problem keeps its own
-    similarity matrix, so the plans are those of separate solves up to the shared stopping rule;
-    one batch of small kernels instead of one per side halves the solver's dispatch cost."""
+    similarity matrix and stops on its own, so the plans are those of separate solves; one batch
+    of small kernels instead of one per side halves the solver's dispatch cost."""
     with torch.autocast(sides[0][1].device.type, enabled=False):  # the OT runs in float64
         return _assign_and_update_all(sides, cfg)
 
@@ -154,9 +156,14 @@ def _assign_and_update_all(sides, cfg: ClusProConfig) -> list[Assignment]:
             update_index = label_index
         else:
             update_index = cl.gumbel_hard_assign(own_plan[None], tau=0.5)[0]
-        # paper: mean of the L2-normalised features; code: normalised sum of the raw features
-        new, _ = cl.ema_update(protos, F.normalize(feats, dim=-1) if paper else feats, labels, update_index,
-                               cfg.ema_momentum, renormalize=paper)
+        # paper: Eq. 9's mean, of the L2-normalised features (the prototypes live on the sphere);
+        # code: the normalised sum of the raw features
+        if paper:
+            new, _ = cl.ema_update(protos, F.normalize(feats, dim=-1), labels, update_index, cfg.ema_momentum,
+                                   mean="arithmetic", renormalize=True)
+        else:
+            new, _ = cl.ema_update(protos, feats, labels, update_index, cfg.ema_momentum,
+                                   mean="normalized", renormalize=False)
         memory.prototypes.copy_(new.to(memory.prototypes.dtype))
         out.append(Assignment(label_index, update_index, cl.marginal_error(plan), res.n_outer))
     return out
@@ -182,6 +189,9 @@ class ClusPro(ThreePathMethod):
 
     name = "cluspro"
     Config = ClusProConfig
+    #: 2: the released solver's interpolating Armijo line search, nHSIC in the release's trace
+    #: form with a constant width, per-problem stopping, the paper EMA as Eq. 9's mean (issue #11)
+    version = "2"
     disentangler_stages = 2
 
     def prepare(self, ctx) -> None:
@@ -259,8 +269,8 @@ class ClusPro(ThreePathMethod):
         self._diag_reduce[name] = reduce
 
     def epoch_diagnostics(self) -> dict[str, float]:
-        """Per-epoch collapse diagnostics (spec §8.2), read by the Trainer into the run record:
-        effective number of prototypes (participation ratio, mean over primitives), mean
+        """Per-epoch collapse diagnostics (docs/cluspro.md "Diagnostics in the run record"), read
+        by the Trainer into the run record: effective number of prototypes (participation ratio, mean over primitives), mean
         off-diagonal prototype cosine, the largest OT marginal error, the mean GCG steps and the
         mean clustering losses of the epoch."""
         out: dict[str, float] = {}
@@ -332,6 +342,7 @@ class ClusProBase(ClusPro):
 
     name = "cluspro-base"
     Config = ClusProBaseConfig
+    version = "1"  # no clustering: none of ClusPro's version-2 changes reach its numbers
 
     @classmethod
     def ablations(cls) -> dict[str, dict[str, Any]]:

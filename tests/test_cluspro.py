@@ -171,6 +171,30 @@ def test_assignment_updates_only_present_primitives(variant):
         torch.testing.assert_close(mem.prototypes[0].norm(dim=-1), torch.ones(3))
 
 
+@pytest.mark.parametrize("variant", ["paper", "code"])
+def test_prototype_update_is_the_variants_equation(variant):
+    # one prototype per primitive, so the assignment is trivial and only the update rule shows:
+    # paper, Eq. 9 on the unit sphere: p <- normalize(mu p + (1 - mu) mean_i normalize(f_i));
+    # code: p <- mu p + (1 - mu) normalize(sum_i f_i)
+    cfg = resolve_config(ClusProConfig, "synthetic", [f"variant={variant}", "n_prototypes=1", "ema_momentum=0.5"])
+    g = torch.Generator().manual_seed(0)
+    mem = PrototypeMemory(2, 1, 6)
+    mem.prototypes.copy_(torch.nn.functional.normalize(torch.randn(2, 1, 6, generator=g), dim=-1))
+    mem.initialized.fill_(True)
+    before = mem.prototypes.clone()
+    feats = torch.randn(5, 6, generator=g).relu() * torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])[:, None]
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    assign_and_update(mem, feats, labels, cfg)
+    for c, rows in ((0, [0, 1, 2]), (1, [3, 4])):
+        f = feats[rows]
+        if variant == "paper":
+            want = torch.nn.functional.normalize(
+                0.5 * before[c, 0] + 0.5 * torch.nn.functional.normalize(f, dim=-1).mean(0), dim=0)
+        else:
+            want = 0.5 * before[c, 0] + 0.5 * torch.nn.functional.normalize(f.sum(0), dim=0)
+        torch.testing.assert_close(mem.prototypes[c, 0], want)
+
+
 def test_paper_projection_leaves_batchnorm_statistics_alone_code_projection_does_not():
     stage = Disentangler(16, 0.5).train()
     stage.norm.running_mean.normal_()

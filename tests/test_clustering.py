@@ -52,24 +52,83 @@ def test_gcg_objective_never_increases(c, b, k, seed, kappa):
     assert (trace[1:] <= trace[:-1] + 1e-12).all(), trace
 
 
-@pytest.mark.parametrize("mode", ["paper"])
+@pytest.mark.parametrize("mode", ["paper", "code"])
 def test_one_batched_solve_with_per_problem_similarity_matches_separate_solves(mode):
-    # ClusPro solves the attribute and the object problems together, each with its own S. Only the
-    # paper variant is compared: with the code variant's raw dot-product S the objective is
-    # non-convex, and the shared stopping rule (more GCG steps for the faster side) can move plans.
+    # ClusPro solves the attribute and the object problems together, each with its own S; every
+    # problem stops on its own (GCG and Sinkhorn), so a batched solve is a set of separate solves,
+    # also with the code variant's non-convex objective, where one extra step would move a plan
     cost_a, weight_a, sim_a = _problem(3, 24, 5, 16, 1, mode)
     cost_o, weight_o, sim_o = _problem(2, 24, 5, 16, 2, mode)
+    # a problem with nothing to optimise converges at once while the others go on
+    cost_t, weight_t = torch.zeros(1, 24, 5, dtype=torch.float64), torch.zeros(1, 24, 5, dtype=torch.float64)
     kappa = 2.0 if mode == "code" else 1.0
-    joint = cl.structured_ot(torch.cat([cost_a, cost_o]), torch.cat([weight_a, weight_o]),
-                             torch.cat([sim_a.expand(3, -1, -1), sim_o.expand(2, -1, -1)]), kappa=kappa)
-    alone_a = cl.structured_ot(cost_a, weight_a, sim_a, kappa=kappa)
-    alone_o = cl.structured_ot(cost_o, weight_o, sim_o, kappa=kappa)
-    # the same plans up to the shared stopping rule (tolerance 1e-6 on the objective)
-    torch.testing.assert_close(joint.plan, torch.cat([alone_a.plan, alone_o.plan]), atol=1e-5, rtol=0)
-    assert (joint.plan.argmax(-1) == torch.cat([alone_a.plan, alone_o.plan]).argmax(-1)).float().mean() > 0.95
+    parts = [(cost_a, weight_a, sim_a), (cost_o, weight_o, sim_o), (cost_t, weight_t, sim_a)]
+    joint = cl.structured_ot(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                             torch.cat([p[2].expand(len(p[0]), -1, -1) for p in parts]), kappa=kappa)
+    alone = [cl.structured_ot(cost[i:i + 1], weight[i:i + 1], sim, kappa=kappa)
+             for cost, weight, sim in parts for i in range(len(cost))]
+    torch.testing.assert_close(joint.plan, torch.cat([r.plan for r in alone]), atol=1e-15, rtol=0)
     assert cl.marginal_error(joint.plan) < 1e-6
+    assert alone[-1].n_outer == 1 < joint.n_outer == max(r.n_outer for r in alone)
+    assert (joint.steps[1:, -1] == 0).all()  # the converged problem kept its plan
     with pytest.raises(ValueError, match="similarity has shape"):
         cl.structured_ot(cost_a, weight_a, sim_o.expand(4, -1, -1))
+
+
+def _wavy(coef: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    # phi(t) = -s t + c2 t^2 + c3 t^3 + c4 t sin^2(w t): slope -s at 0, many shapes of failure
+    s, c2, c3, c4, w = coef.unbind(-1)
+    return -s * t + c2 * t * t + c3 * t * t * t + c4 * t * torch.sin(w * t) ** 2
+
+
+def test_armijo_search_takes_scipys_steps():
+    # the released solver's rule is SciPy's scalar_search_armijo (first trial 0.99); the batched
+    # search must take the same step for every problem, through the quadratic and cubic stages
+    from scipy.optimize._linesearch import scalar_search_armijo
+
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    coef = torch.rand(n, 5, generator=g, dtype=torch.float64)
+    coef = coef * torch.tensor([1.0, 10.0, 60.0, 80.0, 40.0], dtype=torch.float64) + torch.tensor(
+        [0.01, -3.0, -20.0, 0.0, 1.0], dtype=torch.float64)
+    slope = -coef[:, 0]
+    calls = torch.zeros(n, dtype=torch.long)
+
+    def phi(t):
+        return _wavy(coef, t)
+
+    alpha, value = cl.armijo_interpolating(phi, torch.zeros(n, dtype=torch.float64), slope, max_trials=30)
+    stages = set()
+    for i in range(n):
+        seen = []
+
+        def phi_i(t, i=i, seen=seen):
+            seen.append(t)
+            return float(_wavy(coef[i], torch.tensor(float(t), dtype=torch.float64)))
+
+        ref_alpha, ref_value = scalar_search_armijo(phi_i, 0.0, float(slope[i]), c1=1e-4,
+                                                    alpha0=cl.ARMIJO_FIRST_STEP)
+        calls[i] = len(seen)
+        if len(seen) > 30:
+            continue  # beyond the batched search's cap (none in this sample: checked below)
+        stages.add(min(len(seen), 4))
+        if ref_alpha is None:
+            assert alpha[i] == 0 and value[i] == 0, i
+        else:
+            assert float(alpha[i]) == pytest.approx(ref_alpha, rel=1e-10, abs=1e-300), (i, seen)
+            assert float(value[i]) == pytest.approx(ref_value, rel=1e-10, abs=1e-15), i
+    assert stages == {1, 2, 3, 4}, stages  # first trial, quadratic, one cubic, several cubics
+    assert int(calls.max()) <= 30
+
+
+def test_armijo_search_gives_no_step_when_nothing_is_accepted():
+    # an ascent direction that stays above the Armijo line at every trial: step 0, value phi0
+    phi0 = torch.tensor([2.0, 2.0], dtype=torch.float64)
+    alpha, value = cl.armijo_interpolating(lambda t: phi0 + t, phi0, torch.tensor([1.0, -1.0], dtype=torch.float64))
+    assert alpha.tolist() == [0.0, 0.0] and value.tolist() == [2.0, 2.0]
+    # a first trial that is accepted is the float32 0.99 of the released solver
+    alpha, _ = cl.armijo_interpolating(lambda t: phi0 - t, phi0, -torch.ones(2, dtype=torch.float64))
+    assert alpha.tolist() == [0.9900000095367432] * 2
 
 
 def test_sinkhorn_scaling_and_log_domain_paths_agree():
@@ -98,9 +157,12 @@ def test_gcg_strictly_improves_on_the_independent_plan():
 
 def test_sinkhorn_matches_scipy_free_reference_on_small_problem():
     # with kappa = 0 GCG must return the plain entropic OT plan: compare with a long
-    # textbook (non-log) Sinkhorn run in float64
+    # textbook (non-log) Sinkhorn run in float64. Every GCG step goes 0.99 of the way (the first
+    # trial of the line search) until what is left of the start plan is rounding noise, so
+    # without the stopping rule 10 steps reach the entropic plan.
     cost, weight, sim = _problem(1, 6, 3, 8, 1)
-    res = cl.structured_ot(cost, weight, sim, eps=0.5, kappa=0.0)
+    res = cl.structured_ot(cost, weight, sim, eps=0.5, kappa=0.0, tol=0.0)
+    assert res.n_outer == 10 and (res.steps[:3] == cl.ARMIJO_FIRST_STEP).all()
     kernel = torch.exp(-cost[0] / 0.5)
     a, b = torch.full((6,), 1 / 6, dtype=torch.float64), torch.full((3,), 1 / 3, dtype=torch.float64)
     u = torch.ones(6, dtype=torch.float64)
@@ -158,25 +220,28 @@ def test_gumbel_assignment_on_tiny_couplings_is_nearly_uniform():
 
 @settings(max_examples=30, deadline=None)
 @given(c=st.integers(1, 6), k=st.integers(1, 6), n=st.integers(1, 20), seed=st.integers(0, 10_000),
-       mu=st.sampled_from([0.0, 0.5, 0.9, 0.99]), renorm=st.booleans())
-def test_ema_touches_only_assigned_prototypes(c, k, n, seed, mu, renorm):
+       mu=st.sampled_from([0.0, 0.5, 0.9, 0.99]), renorm=st.booleans(),
+       mean=st.sampled_from(["arithmetic", "normalized"]))
+def test_ema_touches_only_assigned_prototypes(c, k, n, seed, mu, renorm, mean):
     g = torch.Generator().manual_seed(seed)
     protos = torch.randn(c, k, 8, generator=g)
     feats = torch.randn(n, 8, generator=g)
     prim = torch.randint(c, (n,), generator=g)
     assign = torch.randint(k, (n,), generator=g)
-    new, touched = cl.ema_update(protos, feats, prim, assign, mu, renormalize=renorm)
+    new, touched = cl.ema_update(protos, feats, prim, assign, mu, mean=mean, renormalize=renorm)
     expected = torch.zeros(c, k, dtype=torch.bool)
     expected[prim, assign] = True
     assert torch.equal(touched, expected)
     assert torch.equal(new[~touched], protos[~touched])
     for ci, ki in expected.nonzero().tolist():
         sel = (prim == ci) & (assign == ki)
-        mean = F.normalize(feats[sel].sum(0), dim=0)
-        ref = mu * protos[ci, ki] + (1 - mu) * mean
+        f_bar = feats[sel].mean(0) if mean == "arithmetic" else F.normalize(feats[sel].sum(0), dim=0)
+        ref = mu * protos[ci, ki] + (1 - mu) * f_bar
         if renorm:
             ref = F.normalize(ref, dim=0)
         torch.testing.assert_close(new[ci, ki], ref)
+    with pytest.raises(ValueError, match="unknown mean"):
+        cl.ema_update(protos, feats, prim, assign, mu, mean="median")
 
 
 def test_ema_from_zero_grows_like_one_minus_mu_power():
@@ -257,8 +322,8 @@ def test_nhsic_of_x_with_itself_is_one(n, d, seed):
 
 def test_nhsic_of_independent_inputs_is_near_zero():
     g = torch.Generator().manual_seed(0)
-    # the one-sided centring of the released statistic leaves a positive O(1/N) bias, so the
-    # check uses a batch large enough for it to be small (N = 1024: bias ~ 0.01)
+    # the statistic (the biased V-statistic tr(Kx H Ky H) / N^2) keeps a positive O(1/N) bias,
+    # so the check uses a batch large enough for it to be small (N = 1024: bias ~ 0.01)
     x = torch.randn(1024, 8, generator=g)
     y = torch.randn(1024, 8, generator=g)
     assert abs(cl.nhsic(x, y).item()) < 0.03
@@ -275,6 +340,53 @@ def test_nhsic_is_differentiable_and_rejects_unpaired_inputs():
     assert torch.isfinite(x.grad).all()
     with pytest.raises(ValueError, match="paired samples"):
         cl.nhsic(torch.randn(3, 2), torch.randn(4, 2))
+
+
+def _numpy_width(x: torch.Tensor) -> float:
+    # the width as the released code defines it, built literally: numpy's median of the strictly
+    # lower triangle of the squared distances of [x; x]; the mean if that is not positive; >= 0.01
+    import numpy as np
+
+    stacked = torch.cat([x, x]).double()
+    d2 = cl.squared_distances(stacked).numpy()
+    tri = d2[np.tril_indices(len(d2), -1)]
+    med = np.median(tri)
+    return max(med if med > 0 else tri.mean(), 0.01)
+
+
+@pytest.mark.parametrize("n", [15, 16])  # odd and even counts of the stacked triangle
+def test_kernel_width_is_the_median_over_the_input_stacked_twice(n):
+    x = torch.nn.functional.normalize(torch.randn(n, 6, generator=torch.Generator().manual_seed(n), dtype=torch.float64), dim=-1)
+    assert float(cl.kernel_width(cl.squared_distances(x))) == pytest.approx(_numpy_width(x), rel=1e-12)
+    # n - 1 copies of e0 and one e1: the median is 0, so the width is the mean of the multiset,
+    # 4 (n - 1) distances of 2 among n (2n - 1) values
+    rep = torch.eye(2, 6, dtype=torch.float64).repeat_interleave(torch.tensor([n - 1, 1]), dim=0)
+    width = float(cl.kernel_width(cl.squared_distances(rep)))
+    assert width == pytest.approx(8 * (n - 1) / (n * (2 * n - 1)), rel=1e-12) == _numpy_width(rep)
+    assert float(cl.kernel_width(cl.squared_distances(1e-3 * x))) == 0.01  # the floor
+
+
+def test_nhsic_is_the_double_centred_trace_form_with_constant_widths():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    y = (x.detach() + torch.randn(12, 5, generator=g, dtype=torch.float64)).requires_grad_(True)
+    h = torch.eye(12, dtype=torch.float64) - 1.0 / 12
+
+    def gram(z):
+        z = F.normalize(z, dim=-1)
+        return torch.exp(-cl.squared_distances(z) / (2 * _numpy_width(z.detach()) ** 2))
+
+    def hsic(kx, ky):
+        return torch.trace(kx @ h @ ky @ h) / 144
+
+    kx, ky = gram(x), gram(y)
+    ref = hsic(kx, ky) / torch.sqrt(hsic(kx, kx) * hsic(ky, ky))
+    ref_grad = torch.autograd.grad(ref, (x, y))
+    value = cl.nhsic(x, y)  # computed in float32, as the released code
+    grad = torch.autograd.grad(value, (x, y))
+    assert value.item() == pytest.approx(ref.item(), abs=1e-6)
+    for got, want in zip(grad, ref_grad):
+        torch.testing.assert_close(got.double(), want, atol=1e-4 * float(want.abs().max()), rtol=0)
 
 
 # ---- diagnostics ----------------------------------------------------------------------------

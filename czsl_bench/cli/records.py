@@ -22,10 +22,12 @@ def records() -> None:
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Root of the datasets (auto).")
 @click.option("--dry-run", is_flag=True, help="Say what would change; write nothing.")
 def migrate(directory: Path, target: Path | None, dataset_version: str, data_root: str | None, dry_run: bool) -> None:
-    """Rewrite schema-1 records under DIRECTORY as schema 2 at their new paths.
+    """Rewrite old records under DIRECTORY in the current schema and identity version.
 
-    Each record keeps its numbers; its identity is built from what it stored, the unknown fields
-    are listed in its notes, and the old file is removed once the new one is written.
+    Schema 1 records move to their schema-2 paths: each keeps its numbers, its identity is built
+    from what it stored, the unknown fields are listed in its notes, and the old file is removed
+    once the new one is written. Schema-2 records of identity version 1 (no method_version) are
+    rewritten in place with method_version "1" and the fingerprint that gives.
 
     \b
     Examples:
@@ -50,5 +52,8 @@ def migrate(directory: Path, target: Path | None, dataset_version: str, data_roo
         if new_path is None:
             continue
         done += 1
-        click.echo(f"{'would move' if dry_run else 'moved'} {path} -> {new_path} ({note})")
+        if new_path.resolve() == path.resolve():  # identity v1 -> v2: same path
+            click.echo(f"{'would rewrite' if dry_run else 'rewrote'} {path} ({note})")
+        else:
+            click.echo(f"{'would move' if dry_run else 'moved'} {path} -> {new_path} ({note})")
     click.echo(f"{done} record(s) {'to migrate' if dry_run else 'migrated'}", err=True)
