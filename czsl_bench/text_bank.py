@@ -332,3 +332,17 @@ def coverage(bank: TextBank, dataset: Any) -> dict[str, Any]:
 __all__ = ["TextBank", "TextBankError", "PairTexts", "DEFAULT_FALLBACK", "load_text_bank", "bank_from_mapping",
            "resolve_pair_texts", "clean_pair_texts", "clean_sentences", "keep_sentence", "bank_digest",
            "jsonl_line", "coverage"]
+
+
+def bank_for(source: str, dataset: Any, fix: str = "pass --set text_bank=PATH") -> TextBank:
+    """The description bank a method config names (``text_bank``): ``"dataset"`` is the dataset's
+    own descriptions.json (the synthetic world ships one), anything else a bank file's path.
+
+    Raises ``ValueError`` saying ``fix`` when the dataset ships no descriptions."""
+    if source == "dataset":
+        descriptions = getattr(dataset, "descriptions", None)
+        if not descriptions:
+            raise ValueError(f"{getattr(dataset, 'name', 'this dataset')} ships no descriptions.json; {fix}")
+        path = Path(getattr(dataset, "root", ".")) / "descriptions.json"
+        return bank_from_mapping(descriptions, path if path.is_file() else None)
+    return load_text_bank(source)

@@ -35,7 +35,6 @@ import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -456,18 +455,23 @@ class LaZSL(Method):
         self._info: dict[str, Any] = {"text_bank": self.bank.describe() if self.bank is not None else None,
                                       "fallback_pairs": {}}
 
-    def _load_bank(self, ctx: RunContext):
-        from czsl_bench.text_bank import bank_from_mapping, load_text_bank
+    @classmethod
+    def identity_inputs(cls, config: LaZSLConfig, dataset: Any) -> dict[str, Any]:
+        """The description bank's content hash: part of the run identity when descriptors come from it."""
+        if config.descriptors == "template":
+            return {}
+        from czsl_bench.text_bank import bank_digest
 
-        source = self.config.text_bank
-        if source == "dataset":
-            descriptions = getattr(ctx.dataset, "descriptions", None)
-            if not descriptions:
-                raise ValueError(f"{ctx.dataset_name} ships no descriptions.json; pass --set text_bank=PATH "
-                                 "or --set descriptors=template")
-            path = Path(getattr(ctx.dataset, "root", ".")) / "descriptions.json"
-            return bank_from_mapping(descriptions, path if path.is_file() else None)
-        return load_text_bank(source)
+        return {"text_bank": bank_digest(cls._bank(config, dataset))}
+
+    @staticmethod
+    def _bank(config: LaZSLConfig, dataset: Any):
+        from czsl_bench.text_bank import bank_for
+
+        return bank_for(config.text_bank, dataset, "pass --set text_bank=PATH or --set descriptors=template")
+
+    def _load_bank(self, ctx: RunContext):
+        return self._bank(self.config, ctx.dataset)
 
     def record_info(self) -> dict[str, Any]:
         import copy

@@ -38,7 +38,6 @@ import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -755,14 +754,6 @@ class PLID(Method):
 
 
 def _load_bank(source: str, dataset: Any):
-    """The description bank a config names: the dataset's own descriptions.json, or a file."""
-    from czsl_bench.text_bank import bank_from_mapping, load_text_bank
+    from czsl_bench.text_bank import bank_for
 
-    if source == "dataset":
-        descriptions = getattr(dataset, "descriptions", None)
-        if not descriptions:
-            raise ValueError(f"{getattr(dataset, 'name', 'this dataset')} ships no descriptions.json; "
-                             "pass --set text_bank=PATH (a bank from `czsl-bench text generate`)")
-        path = Path(getattr(dataset, "root", ".")) / "descriptions.json"
-        return bank_from_mapping(descriptions, path if path.is_file() else None)
-    return load_text_bank(source)
+    return bank_for(source, dataset, "pass --set text_bank=PATH (a bank from `czsl-bench text generate`)")

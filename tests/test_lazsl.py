@@ -300,6 +300,23 @@ def test_run_records_the_bank_and_its_fallbacks_in_both_settings(toy, tmp_path):
     assert opened.environment["method"]["fallback_pairs"]["open"] == {"pairs": 9, "fallback": 8}
 
 
+def test_the_bank_content_is_part_of_the_run_identity(toy, tmp_path):
+    """Same path, edited file: another run (--skip-existing must not keep the old record)."""
+    from czsl_bench.methods.lazsl import LaZSLConfig
+
+    ds = czsl_bench.api.load_dataset("toy")
+    bank = tmp_path / "bank.jsonl"
+    bank.write_text('{"attr": "red", "obj": "circle", "texts": ["a red round disk"]}\n')
+    cfg = dataclasses.replace(LaZSLConfig.defaults("toy"), descriptors="bank", text_bank=str(bank))
+    first = LaZSL.identity_inputs(cfg, ds)
+    bank.write_text('{"attr": "red", "obj": "circle", "texts": ["a crimson ring"]}\n')
+    second = LaZSL.identity_inputs(cfg, ds)
+    assert first != second and len(second["text_bank"]) == 64
+    # random descriptors are drawn from the bank too; template-only text reads no file
+    assert LaZSL.identity_inputs(dataclasses.replace(cfg, descriptors="random"), ds) == second
+    assert LaZSL.identity_inputs(dataclasses.replace(cfg, descriptors="template"), ds) == {}
+
+
 def test_a_dataset_without_descriptions_asks_for_a_bank(toy, tmp_path):
     with pytest.raises(czsl_bench.api.RunError, match="ships no descriptions.json; pass --set text_bank"):
         czsl_bench.run("lazsl", "toy", results_dir=tmp_path, cache_dir=tmp_path / "c", write=False,
