@@ -44,6 +44,7 @@ a rank waits for another (rank 0 validating, a dead peer).
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -107,6 +108,7 @@ def init(device: torch.device | str) -> torch.device:
     if not tdist.is_initialized():
         timeout = datetime.timedelta(seconds=float(os.environ.get("CZSL_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
         tdist.init_process_group(choose_backend(device), timeout=timeout)
+        atexit.register(shutdown)  # NCCL warns about a group left at exit
     return device
 
 
