@@ -113,7 +113,7 @@ def main() -> None:
         print(json.dumps(run(args.arch, 0, False, 0, args.image_batch)))
         return
     sizes = [int(s) for s in args.sizes.split(",") if s] or [args.prompts]
-    for checkpoint in (False, True):
+    for checkpoint in ((True,) if args.checkpoint else (False, True)):  # --checkpoint: that mode only
         rows = [run(args.arch, n, checkpoint, args.chunk if checkpoint else 0) for n in sizes]
         for r in rows:
             print(json.dumps(r))
