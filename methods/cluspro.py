@@ -211,7 +211,10 @@ def project_prototypes(stage2: Disentangler, prototypes: Tensor, variant: str, b
     flat = prototypes.reshape(-1, prototypes.shape[-1]).to(stage2.linear.weight.dtype)
     if variant == "paper":
         return stage2.forward_frozen_stats(flat)
-    h = F.relu(stage2.norm(stage2.linear(flat)))
+    from czsl_bench.distributed import local_only
+
+    with local_only():  # [ddp] the same rows on every rank: their statistics are local (= one process's)
+        h = F.relu(stage2.norm(stage2.linear(flat)))
     return stage2.dropout(h.unsqueeze(0).expand(batch, -1, -1))
 
 

@@ -88,6 +88,9 @@ CSP = ("csp", ["epochs=2", "batch_size=16", "lr=0.05", "attr_dropout=0", "grad_a
 # steps of size lr; SGD moves such a parameter by the noise only.
 CLUSPRO = ("cluspro", ["epochs=2", "batch_size=16", "optimizer=sgd", "lr=0.1", "vocab_dropout=0", "disentangler_dropout=0",
                        "adapter_dropout=0", "scheduler=none"], 32)
+# the released code's variant: Gumbel-hard updates (noise drawn on the gathered plan, the same on
+# both ranks) and train-mode BatchNorm over the prototypes (the same rows on every rank: local)
+CLUSPRO_CODE = ("cluspro", CLUSPRO[1] + ["variant=code"], 32)
 
 
 def _train(method_name, overrides, n_images, checkpoint_dir=None, resume=False):
@@ -224,7 +227,7 @@ def test_without_a_group_everything_is_the_single_process_path():
 
 # -- DDP(2 x B/2) == one process with B ----------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [CSP, CLUSPRO], ids=["csp", "cluspro"])
+@pytest.mark.parametrize("case", [CSP, CLUSPRO, CLUSPRO_CODE], ids=["csp", "cluspro", "cluspro-code"])
 def test_ddp_two_ranks_match_one_process_with_the_global_batch(case, tmp_path, single_threaded):
     codes = _spawn(2, tmp_path, "train", case)
     assert codes == [0, 0]
