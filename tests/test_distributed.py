@@ -295,6 +295,7 @@ def test_torchrun_writes_one_record_with_the_single_process_identity_plus_world_
                           *common], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     (path,) = [p for p in results.rglob("*.json") if ".checkpoints" not in p.parts]
+    assert path.parent.name == "ddp2" and path.name == "seed0.json"  # never the single-process path
     ddp = json.loads(path.read_text())
     single = subprocess.run([sys.executable, "-m", "czsl_bench", *common[:common.index("--results-dir") + 1],
                              str(tmp_path / "single"), *common[common.index("--results-dir") + 2:]],
