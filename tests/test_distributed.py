@@ -83,6 +83,8 @@ def _build(method_name: str, overrides: list[str], n_images: int):
 
 
 CSP = ("csp", ["epochs=2", "batch_size=16", "lr=0.05", "attr_dropout=0", "grad_accum=1"], 48)
+# gradient accumulation: 2 micro-batches of 8 (4 per rank) per step, the first under no_sync
+CSP_ACCUM = ("csp", ["epochs=2", "batch_size=8", "lr=0.05", "attr_dropout=0", "grad_accum=2"], 48)
 # ClusPro trains with SGD here: a Linear bias right before a BatchNorm has a gradient that is 0 in
 # exact arithmetic, and Adam turns its float noise (~1e-9, different on 1 and 2 processes) into
 # steps of size lr; SGD moves such a parameter by the noise only.
@@ -227,7 +229,8 @@ def test_without_a_group_everything_is_the_single_process_path():
 
 # -- DDP(2 x B/2) == one process with B ----------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [CSP, CLUSPRO, CLUSPRO_CODE], ids=["csp", "cluspro", "cluspro-code"])
+@pytest.mark.parametrize("case", [CSP, CSP_ACCUM, CLUSPRO, CLUSPRO_CODE],
+                         ids=["csp", "csp-accum", "cluspro", "cluspro-code"])
 def test_ddp_two_ranks_match_one_process_with_the_global_batch(case, tmp_path, single_threaded):
     codes = _spawn(2, tmp_path, "train", case)
     assert codes == [0, 0]
