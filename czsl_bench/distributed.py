@@ -351,23 +351,25 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(x)
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float()  # statistics in float32 whatever autocast gives (bf16 cannot count past 256)
         with torch.no_grad():
-            count = torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype, device=x.device)
+            count = torch.tensor([x.numel() // x.shape[1]], dtype=torch.float32, device=x.device)
             tdist.all_reduce(count)
-        mean = all_reduce(x.sum(dims)) / count
-        centred = x - mean.view(shape)
+        mean = all_reduce(xf.sum(dims)) / count
+        centred = xf - mean.view(shape)
         var = all_reduce((centred * centred).sum(dims)) / count  # biased, as BatchNorm normalises
         y = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
+            y = y * self.weight.float().view(shape) + self.bias.float().view(shape)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
                 n = float(count.item())
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(var.detach() * (n / max(n - 1.0, 1.0)), alpha=m)
-        return y
+                self.running_mean.mul_(1 - m).add_(mean.detach().to(self.running_mean.dtype), alpha=m)
+                self.running_var.mul_(1 - m).add_((var.detach() * (n / max(n - 1.0, 1.0))).to(self.running_var.dtype),
+                                                  alpha=m)
+        return y.to(x.dtype)
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
