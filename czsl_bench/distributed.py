@@ -197,6 +197,19 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def average_gradients(params: Sequence[torch.Tensor]) -> None:
+    """Average the ``.grad`` of ``params`` over the ranks (what DDP's backward does); for a step
+    whose last micro-batch was skipped, so DDP never synchronised the earlier ones. Ranks skip the
+    same micro-batches, so they agree on which gradients exist."""
+    if not collectives_on():
+        return
+    world = tdist.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            tdist.all_reduce(p.grad)
+            p.grad.div_(world)
+
+
 def barrier() -> None:
     if collectives_on():
         tdist.barrier()
@@ -442,7 +455,7 @@ def distributed_step(method: Any, ctx: Any, device: torch.device) -> Distributed
 
 
 __all__ = [
-    "Dist", "GlobalBatchNorm", "GlobalBatchSampler", "DistributedStep", "all_gather_rows", "all_true",
+    "Dist", "GlobalBatchNorm", "average_gradients", "GlobalBatchSampler", "DistributedStep", "all_gather_rows", "all_true",
     "barrier", "broadcast_object", "gather_rows", "sum_over_ranks", "choose_backend", "collectives_on", "current", "distributed_step",
     "env_world_size", "init", "is_main", "loader_batching", "local_only", "rank", "shutdown", "sum_floats",
     "sync_batchnorm", "world_size",

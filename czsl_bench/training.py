@@ -245,19 +245,22 @@ class Trainer:
             for i, batch in enumerate(loader):
                 batch = _to_device(batch, self.device)
                 boundary = (i + 1) % cfg.grad_accum == 0 or i + 1 == n
-                with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
-                    loss = self._step_fn(batch)
-                finite = bool(torch.isfinite(loss.detach()).all())
-                if self.dist is not None:  # [ddp] every rank skips, or none (a lone backward would hang)
-                    finite = distributed.all_true(finite)
-                if not finite:
-                    skipped += 1  # no backward: a NaN would poison every parameter it touches
-                else:
-                    with self._step_fn.no_sync(boundary) if self.dist is not None else contextlib.nullcontext():
+                # [ddp] gradients are all-reduced in the backward of a step's last micro-batch only
+                with self._step_fn.no_sync(boundary) if self.dist is not None else contextlib.nullcontext():
+                    with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
+                        loss = self._step_fn(batch)
+                    finite = bool(torch.isfinite(loss.detach()).all())
+                    if self.dist is not None:  # [ddp] every rank skips, or none (a lone backward would hang)
+                        finite = distributed.all_true(finite)
+                    if not finite:
+                        skipped += 1  # no backward: a NaN would poison every parameter it touches
+                    else:
                         scaler.scale(loss / cfg.grad_accum).backward()
-                    total += float(loss.detach())
-                    finite_batches += 1
+                        total += float(loss.detach())
+                        finite_batches += 1
                 if boundary:
+                    if self.dist is not None and not finite:
+                        distributed.average_gradients(params)  # [ddp] no backward synchronised this step
                     skipped += self._step(optimizer, scaler, params, cfg)
                 task.advance()
         method.train_mode(False)
