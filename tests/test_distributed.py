@@ -119,10 +119,30 @@ def _worker(rank: int, world: int, port: int, out: str, job: str, args: tuple) -
             method, fit = _train(*args)
             torch.save({"state": method.state_dict(), "losses": [h.train_loss for h in fit.history]},
                        Path(out) / f"rank{rank}.pt")
+        elif job == "toy":
+            torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+            method, fit = _train_toy(**args[0])
+            torch.save({"state": method.state_dict(), "skipped": fit.nonfinite_steps}, Path(out) / f"rank{rank}.pt")
         elif job == "run":
             _run_worker(rank, out, *args)
     finally:
         distributed.shutdown()
+
+
+def _train_toy(**cfg):
+    """test_training's toy method (fixed data, linear head) through the Trainer."""
+    import dataclasses
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_training import ToyConfig, ToyMethod
+
+    from czsl_bench.training import Trainer
+
+    torch.manual_seed(0)
+    method = ToyMethod(dataclasses.replace(ToyConfig.defaults("toy"), **cfg))
+    ctx = SimpleNamespace()
+    method.prepare(ctx)
+    return method, Trainer(seed=0).fit(method, ctx)
 
 
 def _run_worker(rank: int, out: str, root: str, results: str, cache: str, resume: bool, kill_at: int | None):
@@ -246,6 +266,18 @@ def test_ddp_two_ranks_match_one_process_with_the_global_batch(case, tmp_path, s
     for k in protos:
         assert torch.equal(r0["state"][k], r1["state"][k])
         assert not torch.allclose(single[k], _build(*case)[0].state_dict()[k])  # the memory moved
+
+
+@pytest.mark.slow
+def test_nan_steps_are_skipped_on_every_rank_with_and_without_accumulation(tmp_path, single_threaded):
+    # every 3rd training step's loss is NaN on both ranks: with accumulation 2 that is sometimes the
+    # first micro-batch of a step (no_sync) and sometimes the last (nothing synchronised by DDP)
+    cfg = dict(dropout=0.0, nan_every=3, grad_accum=2, batch_size=16, epochs=3)
+    assert _spawn(2, tmp_path, "toy", (cfg,)) == [0, 0]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    method, fit = _train_toy(**cfg)
+    assert r0["skipped"] == r1["skipped"] == fit.nonfinite_steps > 0
+    assert _close(r0["state"], method.state_dict()) == [] and _close(r1["state"], r0["state"], atol=0) == []
 
 
 # -- a rank dies; resume -------------------------------------------------------------------------
