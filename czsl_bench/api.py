@@ -310,6 +310,10 @@ def execute(spec: RunSpec, opts: RunOptions) -> Outcome:
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # one run's failure must not stop a sweep; the CLI reports it
+        from czsl_bench import distributed
+
+        if distributed.current() is not None:
+            raise  # [ddp] fail fast: a rank going on alone would mismatch the others' collectives
         return Outcome(spec, error=_one_line(exc), seconds=time.perf_counter() - started)
     return Outcome(spec, records, skipped=skipped, seconds=time.perf_counter() - started,
                    skipped_paths=[str(getattr(r, "source_path", "")) for r in records] if skipped else [])
@@ -383,7 +387,7 @@ def run_identity(method: str, config: Any, plugin: Any, dataset: Any, backbone: 
         backbone={"arch": arch, "pretrained": tag, "weights_hash": weights_identity(backbone.weights_hash, tag)},
         dataset={"name": plugin.name, "version": dataset.version}, setting=setting, seed=seed,
         protocol=PROTOCOL_VERSION, feasibility=plugin.feasibility if setting == "open" else None,
-        track=_method_track(method), method_version=_method_version(method),
+        track=_method_track(method), world_size=_world_size(method), method_version=_method_version(method),
         inputs=_method_inputs(method, config, dataset))
 
 
@@ -401,6 +405,16 @@ def _method_version(method: str) -> str:
     from czsl_bench.registry import METHODS
 
     return str(getattr(METHODS.get(method), "version", "1"))
+
+
+def _world_size(method: str) -> int:
+    """[ddp] Processes that train the run together; 1 for a method that does not train (it has
+    nothing to split: every rank would compute the one single-process result)."""
+    from czsl_bench import distributed
+    from czsl_bench.registry import METHODS
+
+    cls = METHODS.get(method)
+    return distributed.world_size() if cls.training_step is not _base_training_step() else 1
 
 
 def _method_track(method: str) -> str:
@@ -475,7 +489,9 @@ def setup_run(spec: RunSpec, opts: RunOptions, lap: Any = None) -> PreparedRun:
     plugin = dataset_plugin(spec.dataset)
     resolved = resolve_method_config(method_cls, plugin, opts.overrides, opts.ablation, opts.config_file)
     variant = opts.ablation if changed_fields(resolved) else None  # an ablation equal to the defaults is the plain run
-    device = resolve_device(opts.device)
+    from czsl_bench import distributed
+
+    device = distributed.init(resolve_device(opts.device))  # [ddp] joins torchrun's group, if any
     seed_info = seed_everything(spec.seed, opts.deterministic)
     dataset = load_dataset(plugin, opts.data_root)
     lap("load_dataset")
@@ -549,11 +565,18 @@ def _run_spec(spec: RunSpec, opts: RunOptions) -> tuple[list[RunRecord], bool]:
             found = find_existing(opts.results_dir, ident, run.variant, run.changed)
             if found is not None:
                 existing[s] = found
+    from czsl_bench import distributed
+
+    if distributed.current() is not None:  # [ddp] rank 0's view of the disk decides for every rank
+        found = distributed.broadcast_object(sorted(existing))
+        existing = {s: existing.get(s) for s in found}
     todo = [s for s in spec.settings if s not in existing]
     if not todo:
-        return [existing[s] for s in spec.settings], True
+        return ([existing[s] for s in spec.settings] if distributed.is_main() else []), True
 
     prepare_and_train(run, opts, todo, lap)
+    if not distributed.is_main():
+        return [], False  # [ddp] rank 0 alone evaluates and writes the record (docs/distributed.md)
     method, ctx, fit, progress = run.method, run.ctx, run.fit, run.progress or NullProgress()
     params = parameter_counts(method, run.backbone)
     base = dict(method=spec.method, dataset=run.plugin.name, seed=spec.seed, variant=run.variant,
@@ -687,7 +710,9 @@ def _evaluate(method: Any, ctx: Any, split: Any) -> Any:
 
     from czsl_bench.evaluation import evaluate, evaluate_stream
 
-    with torch.no_grad():
+    from czsl_bench.distributed import local_only
+
+    with torch.no_grad(), local_only():  # [ddp] rank 0 scores alone
         scores = method.score(ctx, split)
     if isinstance(scores, torch.Tensor):
         _check_shape(scores, split, method)
@@ -720,14 +745,16 @@ def _score_source(method: Any, ctx: Any, split: Any) -> Any:
     """A dense tensor, or a re-iterable block source (the reducer may re-read a few rows)."""
     import torch
 
-    with torch.no_grad():
+    from czsl_bench.distributed import local_only
+
+    with torch.no_grad(), local_only():  # [ddp] rank 0 scores alone
         scores = method.score(ctx, split)
     if isinstance(scores, torch.Tensor):
         _check_shape(scores, split, method)
         return scores.float().cpu()
 
     def blocks():
-        with torch.no_grad():
+        with torch.no_grad(), local_only():
             yield from method.score(ctx, split)
 
     return blocks

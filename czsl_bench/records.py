@@ -382,7 +382,8 @@ def record_path(results_dir: str | Path, identity: Any, variant: str | None = No
 
     ``<results_dir>/<method>/<dataset>/<arch>-<tag>/<setting>/seed<k>.json`` when the config is
     the recipe's defaults (``overrides`` empty); otherwise a folder ``<variant>-<cfg8>`` (or
-    ``custom-<cfg8>``) named by the config's short fingerprint before ``seed<k>.json``.
+    ``custom-<cfg8>``) named by the config's short fingerprint before ``seed<k>.json``. A run
+    trained on W > 1 processes (docs/distributed.md) adds a folder ``ddp<W>`` before it.
     """
     from czsl_bench.identity import backbone_label
 
@@ -401,6 +402,9 @@ def record_path(results_dir: str | Path, identity: Any, variant: str | None = No
     if overrides:
         label = check_name(variant, "variant") if variant else "custom"
         base = base / f"{label}-{identity.config_fingerprint}"
+    world = getattr(identity, "world_size", 1) or 1
+    if world > 1:  # [ddp] its own fingerprint, its own folder: never the single-process record's path
+        base = base / f"ddp{int(world)}"
     return base / f"seed{seed}.json"
 
 

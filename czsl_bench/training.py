@@ -15,10 +15,16 @@ clipping, validation period and the model-selection metric. Around the method's
   ``select_metric`` (default ``auc``) is restored at the end and recorded.
 
 The trainer never evaluates by itself and never writes anything but its checkpoint.
+
+Under torchrun (several processes, one run) the ``[ddp]`` hooks below hand the step to
+:mod:`czsl_bench.distributed`: each rank trains on its slice of the single-process global batch,
+DistributedDataParallel averages the gradients, rank 0 alone validates and writes the checkpoint,
+and ``resume`` broadcasts rank 0's checkpoint (docs/distributed.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -35,6 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from czsl_bench import distributed
 from czsl_bench.atomic import atomic_file
 from czsl_bench.method import Method, NullProgress, RunContext, TrainConfig
 from czsl_bench.seeding import hash_seed, loader_generator, worker_init_fn
@@ -127,6 +134,8 @@ class Trainer:
         # what a checkpoint must match to be resumed; the harness passes the run identity's
         # (method, config, backbone + weights, dataset version, seed); else method, config, seed
         self.fingerprint = fingerprint
+        self.dist = distributed.current()  # [ddp] None for a single process
+        self._step_fn: Callable[[Any], torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------------------------
     def fit(self, method: Method, ctx: RunContext) -> FitResult:
@@ -166,6 +175,10 @@ class Trainer:
                 nonfinite = ckpt["nonfinite"]
                 start_epoch = resumed_from = ckpt["epoch"]
 
+        # [ddp] one DDP-wrapped step on every rank (after a resume: DDP broadcasts rank 0's state)
+        self._step_fn = (distributed.distributed_step(method, ctx, self.device) if self.dist is not None
+                         else lambda batch: method.training_step(ctx, batch))
+
         if resumed_from is None:
             # Training randomness (dropout, augmentation) starts from the run seed, whatever
             # prepare() consumed before (a cache hit and a miss draw differently).
@@ -191,8 +204,10 @@ class Trainer:
                     # the released ClusPro code steps its scheduler twice per epoch (docs/cluspro.md)
                     for _ in range(getattr(cfg, "scheduler_steps_per_epoch", 1)):
                         scheduler.step()
-                if select != "last" and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
-                    log.val = self._validate(method, select)
+                if select != "last" and (epoch % cfg.val_every == 0 or epoch == cfg.epochs) \
+                        and distributed.is_main():  # [ddp] rank 0 validates alone; the others go on
+                    with distributed.local_only():
+                        log.val = self._validate(method, select)
                     value = log.val[select]
                     if best_value is None or value > best_value:  # strict: earliest best wins
                         best_value, best_epoch = value, epoch
@@ -216,10 +231,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def _train_epoch(self, method, ctx, cfg, dataset, optimizer, scaler, use_amp, amp_dtype,
                      epoch, params) -> EpochLog:
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
-                            generator=loader_generator(self.seed, epoch),
-                            num_workers=cfg.num_workers, worker_init_fn=worker_init_fn,
-                            persistent_workers=False)
+        generator = loader_generator(self.seed, epoch)
+        # [ddp] alone: batch_size + shuffle; in a group: this rank's slice of each global batch
+        batching = distributed.loader_batching(dataset, cfg.batch_size, generator, worker_init_fn)
+        loader = DataLoader(dataset, generator=generator, num_workers=cfg.num_workers,
+                            persistent_workers=False, **batching)
         method.train_mode(True)
         optimizer.zero_grad(set_to_none=True)
         total, finite_batches, skipped = 0.0, 0, 0
@@ -228,18 +244,28 @@ class Trainer:
         with self.progress.task(f"epoch {epoch}/{cfg.epochs}", total=n) as task:
             for i, batch in enumerate(loader):
                 batch = _to_device(batch, self.device)
-                with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
-                    loss = method.training_step(ctx, batch)
-                if not torch.isfinite(loss.detach()).all():
-                    skipped += 1  # no backward: a NaN would poison every parameter it touches
-                else:
-                    scaler.scale(loss / cfg.grad_accum).backward()
-                    total += float(loss.detach())
-                    finite_batches += 1
-                if (i + 1) % cfg.grad_accum == 0 or i + 1 == n:
+                boundary = (i + 1) % cfg.grad_accum == 0 or i + 1 == n
+                # [ddp] gradients are all-reduced in the backward of a step's last micro-batch only
+                with self._step_fn.no_sync(boundary) if self.dist is not None else contextlib.nullcontext():
+                    with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
+                        loss = self._step_fn(batch)
+                    finite = bool(torch.isfinite(loss.detach()).all())
+                    if self.dist is not None:  # [ddp] every rank skips, or none (a lone backward would hang)
+                        finite = distributed.all_true(finite)
+                    if not finite:
+                        skipped += 1  # no backward: a NaN would poison every parameter it touches
+                    else:
+                        scaler.scale(loss / cfg.grad_accum).backward()
+                        total += float(loss.detach())
+                        finite_batches += 1
+                if boundary:
+                    if self.dist is not None and not finite:
+                        distributed.average_gradients(params)  # [ddp] no backward synchronised this step
                     skipped += self._step(optimizer, scaler, params, cfg)
                 task.advance()
         method.train_mode(False)
+        if self.dist is not None:  # [ddp] the epoch's loss over every rank's batches
+            total, finite_batches = distributed.sum_floats([total, finite_batches])
         diagnostics = getattr(method, "epoch_diagnostics", None)
         return EpochLog(epoch=epoch, train_loss=total / finite_batches if finite_batches else float("nan"),
                         batches=n, skipped_nonfinite=skipped, lr=optimizer.param_groups[0]["lr"],
@@ -292,7 +318,7 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
     def _save_checkpoint(self, fingerprint, epoch, method, optimizer, scheduler, scaler, history,
                          best_value, best_epoch, best_state, nonfinite) -> None:
-        if self.checkpoint_dir is None:
+        if self.checkpoint_dir is None or not distributed.is_main():  # [ddp] rank 0 writes
             return
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         payload = {
@@ -316,6 +342,19 @@ class Trainer:
             torch.save(payload, handle)
 
     def _load_checkpoint(self, fingerprint: str) -> dict[str, Any] | None:
+        if self.dist is None:
+            return self._read_checkpoint(fingerprint)
+        # [ddp] rank 0 reads (the nodes need not share a disk), every rank gets it or its error
+        try:
+            got: Any = ("ok", self._read_checkpoint(fingerprint)) if self.dist.is_main else None
+        except (OSError, ValueError) as exc:
+            got = ("error", type(exc).__name__, str(exc))
+        got = distributed.broadcast_object(got)
+        if got[0] == "error":
+            raise (OSError if got[1] == "OSError" else ValueError)(got[2])
+        return got[1]
+
+    def _read_checkpoint(self, fingerprint: str) -> dict[str, Any] | None:
         if self.checkpoint_dir is None:
             return None
         path = self.checkpoint_dir / LAST

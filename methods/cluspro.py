@@ -26,6 +26,7 @@ Registered names: ``cluspro`` and ``cluspro-base`` (the same model and recipe, c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -169,6 +170,36 @@ def _assign_and_update_all(sides, cfg: ClusProConfig) -> list[Assignment]:
     return out
 
 
+def assign_and_update_global(sides: list[tuple[PrototypeMemory, Tensor, Tensor]], cfg: ClusProConfig) -> list[Assignment]:
+    """[ddp] :func:`assign_and_update_all` over the **global** batch when training runs on several
+    processes (docs/distributed.md): every rank all-gathers the detached stage-1 features and the
+    labels of all ranks (in rank order, i.e. the single-process batch), solves the same OT and
+    applies the same EMA update, so the prototype memories stay identical on every rank and equal
+    the single-process ones for the same global batch; the assignment returned is this rank's rows.
+    A single process (or rank 0 alone, validating) calls :func:`assign_and_update_all` directly."""
+    from czsl_bench import distributed
+
+    if not distributed.collectives_on():
+        return assign_and_update_all(sides, cfg)
+    gathered, rows = [], None
+    for memory, features, labels in sides:
+        feats, start, stop = distributed.all_gather_rows(features.detach())
+        labs, _, _ = distributed.all_gather_rows(labels)
+        gathered.append((memory, feats, labs))
+        rows = slice(start, stop)
+    return [dataclasses.replace(res, label_index=res.label_index[rows], update_index=res.update_index[rows])
+            for res in assign_and_update_all(gathered, cfg)]
+
+
+def _global_batch_nhsic(x: Tensor, y: Tensor) -> Tensor:
+    """[ddp] :func:`clustering.nhsic` of the global batch: the ranks' rows gathered differentiably
+    (czsl_bench.distributed.gather_rows), so the value and, after DDP's averaging, the gradient
+    are the single-process ones. Alone it is ``nhsic(x, y)``."""
+    from czsl_bench.distributed import gather_rows
+
+    return cl.nhsic(gather_rows(x), gather_rows(y))
+
+
 def project_prototypes(stage2: Disentangler, prototypes: Tensor, variant: str, batch: int) -> Tensor:
     """Stage-2 projection of prototypes ``[C, K, D]`` for L_PCL / L_PDL.
 
@@ -180,7 +211,10 @@ def project_prototypes(stage2: Disentangler, prototypes: Tensor, variant: str, b
     flat = prototypes.reshape(-1, prototypes.shape[-1]).to(stage2.linear.weight.dtype)
     if variant == "paper":
         return stage2.forward_frozen_stats(flat)
-    h = F.relu(stage2.norm(stage2.linear(flat)))
+    from czsl_bench.distributed import local_only
+
+    with local_only():  # [ddp] the same rows on every rank: their statistics are local (= one process's)
+        h = F.relu(stage2.norm(stage2.linear(flat)))
     return stage2.dropout(h.unsqueeze(0).expand(batch, -1, -1))
 
 
@@ -222,8 +256,8 @@ class ClusPro(ThreePathMethod):
 
     def _clustering_loss(self, feats: BranchFeatures, y_attr: Tensor, y_obj: Tensor) -> Tensor | float:
         cfg = self.config
-        a, o = assign_and_update_all([(self.attr_memory, feats.attr_stage1, y_attr),
-                                      (self.obj_memory, feats.obj_stage1, y_obj)], cfg)
+        a, o = assign_and_update_global([(self.attr_memory, feats.attr_stage1, y_attr),
+                                         (self.obj_memory, feats.obj_stage1, y_obj)], cfg)
         self._note("ot_marginal_error", max(a.marginal_error, o.marginal_error), reduce="max")
         self._note("gcg_steps", (a.gcg_steps + o.gcg_steps) / 2)
 
@@ -248,12 +282,14 @@ class ClusPro(ThreePathMethod):
         if need_pdl:
             with torch.set_grad_enabled(cfg.beta > 0 and torch.is_grad_enabled()):
                 rows = torch.arange(b, device=y_attr.device)
+                # [ddp] nHSIC is a statistic of the whole batch: computed on the global one
+                nhsic = _global_batch_nhsic
                 if cfg.variant == "paper":
                     p_obj, p_attr = po[t_obj], pa[t_attr]  # each sample's assigned sub-primitive
-                    pdl = cl.nhsic(feats.attr, p_obj) + cl.nhsic(feats.obj, p_attr)
+                    pdl = nhsic(feats.attr, p_obj) + nhsic(feats.obj, p_attr)
                 else:
                     p_obj, p_attr = po[rows, t_obj], pa[rows, t_attr]
-                    pdl = cl.nhsic(feats.attr, p_obj) + 0.5 * cl.nhsic(feats.obj, p_attr)
+                    pdl = nhsic(feats.attr, p_obj) + 0.5 * nhsic(feats.obj, p_attr)
             self._note("l_pdl", float(pdl.detach()))
             if cfg.beta > 0:
                 loss = loss + cfg.beta * pdl

@@ -29,6 +29,7 @@ from torch import nn
 from czsl_bench.config import at_least
 from czsl_bench.method import Method, RunContext, TrainConfig, iter_column_blocks
 from czsl_bench.names import clean_name
+from czsl_bench.text_memory import encode_text
 
 TEMPLATE = "a photo of x x"
 CONTEXT = "a photo of"
@@ -113,7 +114,7 @@ class SoftPrompt(nn.Module):
         """``[P, D]`` L2-normalised text features of the pairs ``(pair_attr[i], pair_obj[i])``."""
         tokens = self.token_embeddings(pair_attr, pair_obj)
         eot = torch.full((len(pair_attr),), self.eot, dtype=torch.long, device=tokens.device)
-        feats = self.backbone[0].encode_text_embeddings(tokens, eot)
+        feats = encode_text(self.backbone[0], tokens, eot)  # CZSL_TEXT_CHUNK / _CHECKPOINT: memory only
         return F.normalize(feats.float(), dim=-1)
 
 

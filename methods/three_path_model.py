@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from czsl_bench.names import clean_name
+from czsl_bench.text_memory import encode_text
 
 PROMPT_INIT = "a photo of"
 CONTEXT_LENGTH = 8
@@ -232,7 +233,8 @@ class ThreePathModel(nn.Module):
         for position, rows in slots:
             emb[:, position] = rows.to(emb.dtype)
         eot_index = torch.full((n,), eot, dtype=torch.long, device=emb.device)
-        out = self.backbone.encode_text_embeddings(emb, eot_index).float()
+        # chunked / checkpointed under CZSL_TEXT_CHUNK / CZSL_TEXT_CHECKPOINT (memory only)
+        out = encode_text(self.backbone, emb, eot_index).float()
         return F.normalize(out, dim=-1) if normalize else out
 
     def text_features(self, pair_attr: Tensor, pair_obj: Tensor, raw: bool = False) -> tuple[Tensor, Tensor, Tensor]:

@@ -7,6 +7,7 @@ skipped, 1 a run failed, 2 usage error). torch is imported only inside the comma
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -102,19 +103,23 @@ def run(methods, dataset, seed, setting, backbone, pretrained, overrides, config
 
     failed = 0
     started = time.perf_counter()
-    with RichProgress(enabled=not quiet) as progress:
+    # [ddp] under torchrun the other ranks train silently; rank 0 reports (docs/distributed.md)
+    silent = os.environ.get("RANK", "0").strip() not in ("", "0")
+    with RichProgress(enabled=not (quiet or silent)) as progress:
         opts.progress = progress
         with progress.task("runs", total=len(specs)) as overall:
             for spec in specs:
                 overall.update(description=f"run {spec.describe()}")
                 outcome = api.execute(spec, opts)
-                progress.print(_summary(outcome))
+                if not silent:
+                    progress.print(_summary(outcome))
                 failed += outcome.error is not None
                 overall.advance()
     elapsed = time.perf_counter() - started
     done = len(specs) - failed
-    click.echo(f"{done}/{len(specs)} runs ok, {failed} failed, {elapsed:.1f} s; records in {results_dir}",
-               err=True)
+    if not silent:
+        click.echo(f"{done}/{len(specs)} runs ok, {failed} failed, {elapsed:.1f} s; records in {results_dir}",
+                   err=True)
     if failed:
         sys.exit(1)
 
