@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from czsl_bench.methods import clustering as cl
+from czsl_bench.config import at_least
 from czsl_bench.methods.three_path import ThreePathConfig, ThreePathMethod, VariantDefault, VFloat, VInt
 from czsl_bench.methods.three_path_model import BranchFeatures, Disentangler
 
@@ -54,17 +55,17 @@ class ClusProConfig(ThreePathConfig):
     variant: Literal["paper", "code"] = "paper"
     clustering: bool = True  # False = the three-path base (cluspro-base)
     # the paper's K and mu: accepted under those names (--set K=10, --set mu=0.9)
-    n_prototypes: int = field(default=5, metadata={"alias": "K"})
+    n_prototypes: int = field(default=5, metadata={"alias": "K", "min": 1})
     ema_momentum: float = field(default=0.99, metadata={"alias": "mu"})
     alpha: float = VFloat(0.2)  # weight of L_PCL
     beta: float = VFloat(0.5)  # weight of L_PDL
     tau: float = VFloat(0.1)  # L_PCL temperature
     kappa: float = VFloat(1.0)  # structure-term weight
     ot_eps: float = 0.1  # entropic regularisation
-    ot_max_outer: int = 10  # GCG iterations
-    ot_sinkhorn_iters: int = VInt(1000)  # per GCG step (paper: to tolerance 1e-6; code: 100)
+    ot_max_outer: int = at_least(1, 10)  # GCG iterations
+    ot_sinkhorn_iters: int = field(default=VInt(1000), metadata={"min": 1})  # per GCG step (paper: to tolerance 1e-6; code: 100)
     init_noise: float = 0.01  # paper: prototypes seeded from features + this noise
-    scheduler_steps_per_epoch: int = VInt(1)
+    scheduler_steps_per_epoch: int = field(default=VInt(1), metadata={"min": 1})
 
     def __post_init__(self) -> None:
         super().__post_init__()

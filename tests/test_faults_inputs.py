@@ -366,6 +366,19 @@ def test_run_refuses_bad_values_up_front(setting, match):
     assert calls == []  # not one run started
 
 
+@pytest.mark.parametrize("setting, match", [
+    ("ot_sinkhorn_iters=0", "ot_sinkhorn_iters must be >= 1, got 0"),
+    ("ot_max_outer=-1", "ot_max_outer must be >= 1, got -1"),
+    ("K=0", "n_prototypes must be >= 1, got 0"),
+    ("scheduler_steps_per_epoch=0", "scheduler_steps_per_epoch must be >= 1, got 0"),
+])
+def test_cluspro_counts_below_one_are_refused_before_any_run(setting, match):
+    with _no_runs() as calls:
+        res = _run("cluspro", "--dataset", "synthetic", "--set", setting)
+    assert match in _one_line_error(res, 2)
+    assert calls == []
+
+
 def test_run_refuses_bad_values_from_a_config_file_up_front(tmp_path):
     cfg = tmp_path / "c.json"
     cfg.write_text('{"max_grad_norm": NaN}')  # Python's json reads NaN
