@@ -99,23 +99,25 @@ def decoded_images(ctx: Any, split: Any) -> DecodedImages:
         return memo[split.name]
     preprocess = ctx.backbone.describe_preprocess()
     parts = split_parts(split, ctx.dataset.version, preprocess)
-    with ctx.progress.task(f"decode {split.name} images", total=len(split)) as task:
-        done = [0]
+    cache = ImageCache(ctx.cache.root) if ctx.cache is not None else None
+    store = cache.get(cache.key(**parts)) if cache is not None else None
+    if store is None:
+        with ctx.progress.task(f"decode {split.name} images", total=len(split)) as task:
+            done = [0]
 
-        def report(now: int, total: int) -> None:
-            task.advance(now - done[0])
-            done[0] = now
+            def report(now: int, total: int) -> None:
+                task.advance(now - done[0])
+                done[0] = now
 
-        # the build runs inside training; the fork keeps every random stream where it was
-        with torch.random.fork_rng(devices=[]):
-            if ctx.cache is not None:
-                store = ImageCache(ctx.cache.root).get_or_build(
-                    parts, split.root, split.images, report, ctx.num_workers,
-                    meta={"dataset": ctx.dataset_name, "split": split.name})
-            else:
-                arrays = decode_split(split.root, split.images, parts["policy"]["mode"], report,
-                                      workers=ctx.num_workers)
-                store = DecodedImages.from_arrays(arrays)
+            # the build runs inside training; the fork keeps every random stream where it was
+            with torch.random.fork_rng(devices=[]):
+                if cache is not None:
+                    store = cache.get_or_build(parts, split.root, split.images, report, ctx.num_workers,
+                                               meta={"dataset": ctx.dataset_name, "split": split.name})
+                else:
+                    arrays = decode_split(split.root, split.images, parts["policy"]["mode"], report,
+                                          workers=ctx.num_workers)
+                    store = DecodedImages.from_arrays(arrays)
     memo[split.name] = store
     return store
 
