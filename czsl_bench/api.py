@@ -19,6 +19,9 @@ trains once.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +31,11 @@ from typing import Any
 from czsl_bench.records import RunRecord
 
 SETTINGS = ("closed", "open")
+# Seeds are what np.random.seed accepts (torch takes more); seeding.seed_everything agrees.
+SEED_LIMIT = 2**32
+MAX_SEEDS = 1000
+_SEED = re.compile(r"[0-9]+", re.ASCII)  # ASCII digits only: int() would also take "٣" or "1_0"
+_SEED_RANGE = re.compile(r"([0-9]+)\s*-\s*([0-9]+)", re.ASCII)
 
 
 class RunError(RuntimeError):
@@ -67,7 +75,21 @@ class RunOptions:
     write: bool = True
     progress: Any = None
     eval_batch_size: int = 256
-    num_workers: int | None = None  # DataLoader workers; None = fit the machine (czsl_bench.loading)
+    num_workers: int = 0
+    provenance: dict[str, Any] | None = None  # added to every record's provenance (a sweep's executor)
+
+    def __post_init__(self) -> None:
+        # checked here, before any run: the threshold is only read after training
+        if self.threshold is not None:
+            check_threshold(self.threshold)
+
+
+def check_threshold(value: Any) -> float:
+    """An open-world feasibility threshold must be a finite number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"threshold {value!r} is not a finite number; pass e.g. 0.4069, or None to "
+                         "search it on validation")
+    return float(value)
 
 
 @dataclass
@@ -97,38 +119,79 @@ def split_names(value: str | Iterable[str]) -> list[str]:
 
 
 def parse_seeds(value: int | str | Iterable[int]) -> list[int]:
-    """``0``, ``"0,1,2"``, ``"0-4"`` or ``[0, 1]`` → a list of non-negative ints."""
+    """``0``, ``"0,1,2"``, ``"0-4"`` or ``[0, 1]`` → a list of distinct seeds in ``[0, 2**32)``.
+
+    At most :data:`MAX_SEEDS` of them: a typo such as ``0-100000`` is refused at once instead of
+    planning a sweep that cannot finish.
+    """
     if isinstance(value, bool):
         raise ValueError(f"seed {value!r} is not an integer")
-    if isinstance(value, int):
-        items: list[Any] = [value]
+    seeds: dict[int, None] = {}  # insertion-ordered set: order kept, duplicates dropped in O(1)
+
+    def check(seed: int) -> int:
+        if seed < 0:
+            raise ValueError(f"seed {seed} is negative; seeds are integers in [0, {SEED_LIMIT - 1}]")
+        if seed >= SEED_LIMIT:
+            raise ValueError(f"seed {seed} is too large; seeds are integers in [0, {SEED_LIMIT - 1}] "
+                             "(the range NumPy's seeding accepts)")
+        return seed
+
+    def add(seed: int) -> None:
+        seeds[check(seed)] = None
+        if len(seeds) > MAX_SEEDS:
+            raise ValueError(f"more than {MAX_SEEDS} seeds in one call; run fewer (e.g. --seed 0-9)")
+
+    if isinstance(value, numbers.Integral):
+        add(int(value))
     elif isinstance(value, str):
-        items = []
         for part in value.split(","):
             part = part.strip()
-            if "-" in part[1:]:
-                lo, _, hi = part.partition("-")
-                try:
-                    items.extend(range(int(lo), int(hi) + 1))
-                except ValueError:
-                    raise ValueError(f"seed range {part!r} is not LOW-HIGH; write e.g. --seed 0-4") from None
-            elif part:
-                items.append(part)
+            if not part:
+                continue
+            single, span = _SEED.fullmatch(part), _SEED_RANGE.fullmatch(part)
+            if single:
+                add(_digits(part))
+            elif span:
+                lo, hi = _digits(span[1]), _digits(span[2])
+                if lo > hi:
+                    raise ValueError(f"seed range {part!r} is empty (LOW > HIGH); write it as {hi}-{lo}")
+                if hi - lo + 1 > MAX_SEEDS:  # before expanding: a huge range must cost nothing
+                    raise ValueError(f"seed range {part!r} has {hi - lo + 1} seeds, more than {MAX_SEEDS} "
+                                     "in one call; run fewer (e.g. --seed 0-9)")
+                check(hi)
+                for seed in range(lo, hi + 1):
+                    add(seed)
+            elif part.startswith("-") and _SEED.fullmatch(part[1:]):
+                add(-_digits(part[1:]))
+            elif "-" in part[1:]:
+                raise ValueError(f"seed range {part!r} is not LOW-HIGH; write e.g. --seed 0-4")
+            else:
+                raise ValueError(f"seed {part!r} is not an integer; write e.g. --seed 0,1,2")
     else:
-        items = list(value)
-    seeds: list[int] = []
-    for item in items:
         try:
-            seed = int(item)
-        except (TypeError, ValueError):
-            raise ValueError(f"seed {item!r} is not an integer; write e.g. --seed 0,1,2") from None
-        if seed < 0:
-            raise ValueError(f"seed {seed} is negative; seeds are non-negative integers")
-        if seed not in seeds:
-            seeds.append(seed)
+            items = iter(value)
+        except TypeError:
+            raise ValueError(f"seed {value!r} is not an integer or a list of integers; "
+                             "write e.g. 0 or [0, 1]") from None
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, (numbers.Integral, str)):
+                raise ValueError(f"seed {item!r} is not an integer; write e.g. [0, 1, 2]")
+            if isinstance(item, str) and not _SEED.fullmatch(item.strip()):
+                raise ValueError(f"seed {item!r} is not an integer; write e.g. --seed 0,1,2")
+            add(_digits(item.strip()) if isinstance(item, str) else int(item))
     if not seeds:
         raise ValueError("no seed given; write e.g. --seed 0,1,2")
-    return seeds
+    return list(seeds)
+
+
+def _digits(text: str) -> int:
+    # int() of thousands of digits is slow and then refused with Python's own message; anything
+    # this long is out of range anyway
+    digits = text.lstrip("0") or "0"
+    if len(digits) > 20:
+        raise ValueError(f"seed {digits[:12]}... ({len(digits)} digits) is too large; seeds are integers "
+                         f"in [0, {SEED_LIMIT - 1}] (the range NumPy's seeding accepts)")
+    return int(digits)
 
 
 def parse_setting(setting: str) -> tuple[str, ...]:
@@ -342,13 +405,116 @@ def training_fingerprint(identity: Any) -> str:
     return short_hash(data)
 
 
-def _run_spec(spec: RunSpec, opts: RunOptions) -> tuple[list[RunRecord], bool]:
+@dataclass
+class PreparedRun:
+    """One run up to scoring: what :func:`setup_run` and :func:`prepare_and_train` build. Used by
+    the harness and by ``explain`` (which must see exactly the model a run scores)."""
+
+    spec: RunSpec
+    plugin: Any
+    method_cls: Any
+    resolved: Any  # czsl_bench.config.Resolved
+    variant: str | None
+    device: Any
+    seed_info: Any
+    dataset: Any
+    arch: str
+    tag: str | None
+    backbone: Any
+    cache: Any
+    progress: Any
+    identities: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    method: Any = None
+    ctx: Any = None
+    fit: Any = None
+
+    @property
+    def config(self) -> Any:
+        return self.resolved.config
+
+    @property
+    def changed(self) -> dict[str, Any]:
+        return changed_fields(self.resolved)
+
+
+def changed_fields(resolved: Any) -> dict[str, Any]:
+    """The config fields a run changed itself (config file, ablation, ``--set``), not those a
+    config derived from them: what a record stores as ``overrides``, labels its row and names its
+    folder with."""
+    return {k: v for k, v in resolved.changed.items() if not resolved.sources[k].startswith("derived")}
+
+
+def setup_run(spec: RunSpec, opts: RunOptions, lap: Any = None) -> PreparedRun:
+    """Resolve the config, seed, load the dataset and the backbone, build the identity per setting."""
     from czsl_bench.backbone import resolve_device
-    from czsl_bench.method import NullProgress, RunContext, check_method_class, parameter_counts
-    from czsl_bench.records import RunRecord, environment, find_existing, write_record
+    from czsl_bench.method import check_method_class
     from czsl_bench.registry import METHODS
     from czsl_bench.seeding import seed_everything
+
+    lap = lap or (lambda name: None)
+    method_cls = METHODS.get(spec.method)
+    check_method_class(method_cls, f"method {spec.method!r}")
+    plugin = dataset_plugin(spec.dataset)
+    resolved = resolve_method_config(method_cls, plugin, opts.overrides, opts.ablation, opts.config_file)
+    variant = opts.ablation if changed_fields(resolved) else None  # an ablation equal to the defaults is the plain run
+    device = resolve_device(opts.device)
+    seed_info = seed_everything(spec.seed, opts.deterministic)
+    dataset = load_dataset(plugin, opts.data_root)
+    lap("load_dataset")
+    arch, tag = default_backbone(plugin, opts.backbone, opts.pretrained)
+    backbone = _load_backbone(arch, tag, device)
+    cache = _feature_cache(opts.cache_dir)
+    lap("load_backbone")
+    identities = {s: run_identity(spec.method, resolved.config, plugin, dataset, backbone, arch, tag, s, spec.seed)
+                  for s in spec.settings}
+    return PreparedRun(spec, plugin, method_cls, resolved, variant, device, seed_info, dataset, arch, tag,
+                       backbone, cache, opts.progress, identities)
+
+
+def prepare_and_train(run: PreparedRun, opts: RunOptions, settings: Sequence[str], lap: Any = None) -> PreparedRun:
+    """``method.prepare``, then the shared Trainer if the method trains (checkpoints keyed by the
+    training fingerprint; ``opts.resume`` continues one)."""
+    from czsl_bench.method import NullProgress, RunContext
     from czsl_bench.training import Trainer
+
+    lap = lap or (lambda name: None)
+    progress = run.progress or NullProgress()
+    method = run.method_cls(run.config)
+    ctx = RunContext(dataset_name=run.plugin.name, dataset=run.dataset, backbone=run.backbone, config=run.config,
+                     seed=run.spec.seed, device=run.device, setting="+".join(settings), cache=run.cache,
+                     progress=progress, eval_batch_size=opts.eval_batch_size, num_workers=opts.num_workers,
+                     name_policy=run.plugin.name_policy)
+    method.prepare(ctx)
+    lap("prepare")
+    val_closed = ctx.split("val", "closed")
+
+    def validate(m: Any) -> dict[str, float]:
+        metrics = _metrics(_evaluate(m, ctx, val_closed))
+        extra = getattr(m, "validation_metrics", None)  # e.g. a loss the method selects its epoch on
+        if callable(extra):
+            import torch
+
+            with torch.no_grad():
+                metrics.update({k: float(v) for k, v in extra(ctx, val_closed).items()})
+        return metrics
+
+    fit = None
+    if method.trains:
+        train_fp = training_fingerprint(run.identities[settings[0]])
+        trainer = Trainer(device=run.device, seed=run.spec.seed, validate=validate, progress=progress,
+                          checkpoint_dir=_checkpoint_dir(opts, run.spec, train_fp), resume=opts.resume,
+                          fingerprint=train_fp)
+        fit = trainer.fit(method, ctx)
+    method.train_mode(False)
+    lap("fit")
+    run.method, run.ctx, run.fit = method, ctx, fit
+    return run
+
+
+def _run_spec(spec: RunSpec, opts: RunOptions) -> tuple[list[RunRecord], bool]:
+    from czsl_bench.method import NullProgress, parameter_counts
+    from czsl_bench.records import RunRecord, environment, find_existing, write_record
 
     timings: dict[str, float] = {}
     t_start = clock = time.perf_counter()
@@ -359,98 +525,118 @@ def _run_spec(spec: RunSpec, opts: RunOptions) -> tuple[list[RunRecord], bool]:
         timings[name] = round(timings.get(name, 0.0) + now - clock, 3)
         clock = now
 
-    method_cls = METHODS.get(spec.method)
-    check_method_class(method_cls, f"method {spec.method!r}")
-    plugin = dataset_plugin(spec.dataset)
-    resolved = resolve_method_config(method_cls, plugin, opts.overrides, opts.ablation, opts.config_file)
-    config = resolved.config
-    explicit = {k: v for k, v in resolved.changed.items() if not resolved.sources[k].startswith("derived")}
-    variant = opts.ablation if resolved.changed else None  # an ablation equal to the defaults is the plain run
-    progress = opts.progress or NullProgress()
-    device = resolve_device(opts.device)
-    seed_info = seed_everything(spec.seed, opts.deterministic)
-
-    dataset = load_dataset(plugin, opts.data_root)
-    lap("load_dataset")
-    arch, tag = default_backbone(plugin, opts.backbone, opts.pretrained)
-    backbone = _load_backbone(arch, tag, device)
-    cache = _feature_cache(opts.cache_dir)
-    lap("load_backbone")
-
-    identities = {s: run_identity(spec.method, config, plugin, dataset, backbone, arch, tag, s, spec.seed)
-                  for s in spec.settings}
+    run = setup_run(spec, opts, lap)
     existing = {}
     if opts.skip_existing:
-        for s, ident in identities.items():
-            found = find_existing(opts.results_dir, ident, variant, resolved.changed)
+        for s, ident in run.identities.items():
+            found = find_existing(opts.results_dir, ident, run.variant, run.changed)
             if found is not None:
                 existing[s] = found
     todo = [s for s in spec.settings if s not in existing]
     if not todo:
         return [existing[s] for s in spec.settings], True
 
-    method = method_cls(config)
-    ctx = RunContext(dataset_name=plugin.name, dataset=dataset, backbone=backbone, config=config,
-                     seed=spec.seed, device=device, setting="+".join(todo), cache=cache,
-                     progress=progress, eval_batch_size=opts.eval_batch_size, num_workers=opts.num_workers,
-                     name_policy=plugin.name_policy)
-    method.prepare(ctx)
-    lap("prepare")
-
-    val_closed = ctx.split("val", "closed")
-
-    def validate(m: Any) -> dict[str, float]:
-        return _metrics(_evaluate(m, ctx, val_closed))
-
-    fit = None
-    if method.trains:
-        train_fp = training_fingerprint(identities[todo[0]])
-        trainer = Trainer(device=device, seed=spec.seed, validate=validate, progress=progress,
-                          checkpoint_dir=_checkpoint_dir(opts, spec, train_fp), resume=opts.resume,
-                          fingerprint=train_fp)
-        fit = trainer.fit(method, ctx)
-    method.train_mode(False)
-    lap("fit")
-
-    params = parameter_counts(method, backbone)
-    base = dict(method=spec.method, dataset=plugin.name, seed=spec.seed, variant=variant,
-                config=_config_dict(config), overrides=explicit,
-                backbone={"arch": arch, "pretrained": tag, **_backbone_info(backbone)},
+    prepare_and_train(run, opts, todo, lap)
+    method, ctx, fit, progress = run.method, run.ctx, run.fit, run.progress or NullProgress()
+    params = parameter_counts(method, run.backbone)
+    base = dict(method=spec.method, dataset=run.plugin.name, seed=spec.seed, variant=run.variant,
+                config=_config_dict(run.config), overrides=run.changed,
+                backbone={"arch": run.arch, "pretrained": run.tag, **_backbone_info(run.backbone)},
                 chosen_epoch=fit.chosen_epoch if fit is not None else None, params=params)
-    env = environment(device)
+    env = environment(run.device)
     records: dict[str, RunRecord] = dict(existing)
     for setting in todo:
         clock = time.perf_counter()
         with progress.task(f"evaluate {setting} world (val, test)", total=1) as task:
             if setting == "closed":
-                val = _evaluate(method, ctx, val_closed)
+                val = _evaluate(method, ctx, ctx.split("val", "closed"))
                 test = _evaluate(method, ctx, ctx.split("test", "closed"))
                 threshold, provenance = None, {}
             else:
-                val, test, threshold, source = _evaluate_open(method, ctx, plugin, opts.threshold)
+                val, test, threshold, source = _evaluate_open(method, ctx, run.plugin, opts.threshold)
                 provenance = {"feasibility": source}
             task.advance()
         lap(f"evaluate_{setting}")
         run_timings = {k: v for k, v in timings.items() if not k.startswith("evaluate_") or k == f"evaluate_{setting}"}
         run_timings["total"] = round(time.perf_counter() - t_start, 3)
-        if fit is not None:
-            run_timings.update(fit.input_timings())
-        ident = identities[setting]
+        ident = run.identities[setting]
         if test.protocol != ident.protocol:
             raise RuntimeError(f"the evaluator reported protocol {test.protocol}, the identity {ident.protocol}")
         record = RunRecord(
             **base, setting=setting, protocol=test.protocol,
             metrics={"val": _metrics(val), "test": _metrics(test)},
             n_images={"val": val.n_images, "test": test.n_images},
-            open_threshold=threshold, timings=run_timings, provenance=provenance,
+            open_threshold=threshold, timings=run_timings, provenance={**provenance, **(opts.provenance or {})},
             identity=ident.to_dict(), fingerprint=ident.fingerprint,
-            environment={**env, "seeding": {"seed": seed_info.seed, "deterministic": seed_info.deterministic},
-                         "training": fit.to_dict() if fit is not None else None},
+            environment={**env, "seeding": {"seed": run.seed_info.seed, "deterministic": run.seed_info.deterministic},
+                         "training": fit.to_dict() if fit is not None else None,
+                         **({"method": info} if (info := method.record_info()) else {})},
         )
         if opts.write:
             write_record(record, opts.results_dir)
         records[setting] = record
     return [records[s] for s in spec.settings], False
+
+
+@dataclass
+class CellPlan:
+    """What a run of one spec would produce, known before running it: the identity, record path
+    and fingerprint per setting, the training checkpoint folder, and which records already exist."""
+
+    spec: RunSpec
+    variant: str | None
+    identities: dict[str, Any]  # setting -> RunIdentity
+    paths: dict[str, Path]  # setting -> where its record is written
+    existing: dict[str, bool]  # setting -> a record with that fingerprint is there
+    checkpoint: Path | None  # the Trainer's folder (None: the method does not train)
+
+    @property
+    def done(self) -> bool:
+        return all(self.existing.values())
+
+
+def identify(specs: Sequence[RunSpec], opts: RunOptions, loaded: dict[Any, Any] | None = None) -> list[CellPlan]:
+    """The :class:`CellPlan` of each spec, as :func:`execute` would compute it, without running:
+    each dataset and backbone is loaded once (on the CPU: the weights hash does not depend on the
+    device), so planning a grid costs one load per dataset and backbone, not one per cell.
+    ``loaded`` keeps those loads across calls (an ablation grid plans one call per point)."""
+    from czsl_bench.records import find_existing, record_path
+    from czsl_bench.registry import METHODS
+
+    loaded = {} if loaded is None else loaded
+    datasets: dict[str, Any] = loaded.setdefault("datasets", {})
+    backbones: dict[tuple[str, str | None], Any] = loaded.setdefault("backbones", {})
+    plans = []
+    for spec in specs:
+        method_cls = METHODS.get(spec.method)
+        plugin = dataset_plugin(spec.dataset)
+        resolved = resolve_method_config(method_cls, plugin, opts.overrides, opts.ablation, opts.config_file)
+        explicit = changed_fields(resolved)
+        variant = opts.ablation if explicit else None
+        if spec.dataset not in datasets:
+            datasets[spec.dataset] = load_dataset(plugin, opts.data_root)
+        arch, tag = default_backbone(plugin, opts.backbone, opts.pretrained)
+        if (arch, tag) not in backbones:
+            backbones[(arch, tag)] = _load_backbone(arch, tag, "cpu")
+        identities = {s: run_identity(spec.method, resolved.config, plugin, datasets[spec.dataset],
+                                      backbones[(arch, tag)], arch, tag, s, spec.seed)
+                      for s in spec.settings}
+        trains = method_cls.training_step is not _base_training_step()
+        checkpoint = (_checkpoint_dir(opts, spec, training_fingerprint(identities[spec.settings[0]]))
+                      if trains else None)
+        plans.append(CellPlan(
+            spec, variant, identities,
+            paths={s: record_path(opts.results_dir, i, variant, explicit) for s, i in identities.items()},
+            existing={s: find_existing(opts.results_dir, i, variant, explicit) is not None
+                      for s, i in identities.items()},
+            checkpoint=checkpoint))
+    return plans
+
+
+def _base_training_step() -> Any:
+    from czsl_bench.method import Method
+
+    return Method.training_step
 
 
 def _config_dict(config: Any) -> dict[str, Any]:

@@ -352,7 +352,8 @@ class Backbone(nn.Module):
     Build it with :func:`load_backbone`. Public attributes: ``arch``, ``pretrained`` (what was
     asked for), ``weights_source`` (what was loaded), ``device``, ``precision`` (``"fp32"`` or
     ``"bf16"`` autocast), ``model`` (the open_clip CLIP), ``adapters`` (``nn.ModuleList``: the
-    attention adapters of blocks 0..L-1, then the MLP adapters of blocks 0..L-1),
+    attention adapters of the adapted blocks in block order, then their MLP adapters; every block
+    unless :meth:`add_adapters` was given ``blocks``), ``adapter_blocks`` (the adapted block indices),
     ``preprocess_train`` / ``preprocess_eval`` (open_clip transforms), ``tokenizer``.
 
     Encoders do not enter autocast on their own; wrap calls in :meth:`autocast`.
@@ -384,6 +385,7 @@ class Backbone(nn.Module):
         self.preprocess_eval = image_transform_v2(pp, is_train=False)
         self.tokenizer = open_clip.get_tokenizer(arch)
         self.adapters = nn.ModuleList()
+        self.adapter_blocks: tuple[int, ...] = ()
         self._weights_hash: str | None = None
         self.model.requires_grad_(False)
         self.model.eval()
@@ -407,6 +409,11 @@ class Backbone(nn.Module):
     def vision_width(self) -> int:
         """Width of the visual transformer (1024 for ViT-L/14)."""
         return int(self.visual.transformer.width)
+
+    @property
+    def vision_layers(self) -> int:
+        """Number of visual transformer blocks (24 for ViT-L/14)."""
+        return len(self.visual.transformer.resblocks)
 
     @property
     def text_width(self) -> int:
@@ -487,51 +494,74 @@ class Backbone(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     # ---- adapters --------------------------------------------------------------------------
-    def add_adapters(self, bottleneck: int = 64, dropout: float = 0.1, scale: float = 0.1) -> list[nn.Parameter]:
-        """Add two parallel bottleneck adapters (attention, MLP) to every visual transformer block.
+    def add_adapters(self, bottleneck: int = 64, dropout: float = 0.1, scale: float = 0.1,
+                     blocks: Sequence[int] | None = None) -> list[nn.Parameter]:
+        """Add two parallel bottleneck adapters (attention, MLP) to visual transformer blocks.
 
         Defaults are ClusPro/Troika's (docs/cluspro.md): bottleneck 64, dropout 0.1, scale 0.1;
-        48 adapters and 6,343,680 parameters on ViT-L/14. Returns the new (trainable) parameters.
+        48 adapters and 6,343,680 parameters on ViT-L/14. ``blocks`` (indices, negative ones count
+        from the end) limits them to those blocks, e.g. CAMS's last M (docs/cams.md); the default
+        is every block. Returns the new (trainable) parameters.
         """
         from open_clip.transformer import ResidualAttentionBlock
 
         if len(self.adapters):
             raise ValueError("adapters were already added to this backbone")
-        blocks = self.visual.transformer.resblocks
-        if not all(type(b) is ResidualAttentionBlock for b in blocks):
+        resblocks = self.visual.transformer.resblocks
+        if not all(type(b) is ResidualAttentionBlock for b in resblocks):
             raise ValueError(f"adapters need open_clip ResidualAttentionBlock ViT blocks; {self.arch} has others")
         if getattr(self.visual, "attn_pool", None) is not None:
             raise ValueError(f"adapters are not supported on {self.arch} (attentional pooling)")
+        n = len(resblocks)
+        if blocks is None:
+            chosen = list(range(n))
+        else:
+            bad = [int(b) for b in blocks if not -n <= int(b) < n]
+            if bad:
+                raise ValueError(f"adapter block(s) {bad} out of range: {self.arch} has {n} visual blocks (0..{n - 1})")
+            chosen = sorted({int(b) % n for b in blocks})
+            if not chosen:
+                raise ValueError("add_adapters(blocks=...) got no block; pass None for every block")
         width = self.vision_width
-        made = [BottleneckAdapter(width, bottleneck, dropout, scale) for _ in range(2 * len(blocks))]
+        made = [BottleneckAdapter(width, bottleneck, dropout, scale) for _ in range(2 * len(chosen))]
         self.adapters.extend(made)
         self.adapters.to(self.device)
         self.adapters.train(self.training)
+        self.adapter_blocks = tuple(chosen)
         return [p for a in made for p in a.parameters()]
 
     # ---- image side ------------------------------------------------------------------------
     def _visual_tokens(self, images: Tensor, adapters: bool) -> Tensor:
         """ln_pre'd tokens through every block (with adapters if asked), ``[B, 1+L, width]``."""
+        return self._run_blocks(images, adapters, ())[0]
+
+    def _run_blocks(self, images: Tensor, adapters: bool, keep: Sequence[int]) -> tuple[Tensor, dict[int, Tensor]]:
+        """The block loop; also returns the batch-first output of each block in ``keep``."""
         visual = self.visual
         transformer = visual.transformer
         x = visual._embeds(images)
         if not transformer.batch_first:
             x = x.transpose(0, 1).contiguous()
-        n = len(transformer.resblocks)
         use = adapters and len(self.adapters) > 0
+        slot = {b: k for k, b in enumerate(self.adapter_blocks)}
+        n_adapted = len(self.adapter_blocks)
         checkpointing = transformer.grad_checkpointing and torch.is_grad_enabled()
+        kept: dict[int, Tensor] = {}
         for i, blk in enumerate(transformer.resblocks):
-            if use:
-                fn, args = _adapted_block, (blk, x, self.adapters[i], self.adapters[n + i])
+            if use and i in slot:
+                k = slot[i]
+                fn, args = _adapted_block, (blk, x, self.adapters[k], self.adapters[n_adapted + k])
             else:
                 fn, args = blk, (x,)
             if checkpointing:
                 x = torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
             else:
                 x = fn(*args)
+            if i in keep:
+                kept[i] = x if transformer.batch_first else x.transpose(0, 1)
         if not transformer.batch_first:
             x = x.transpose(0, 1)
-        return x
+        return x, kept
 
     def encode_image(self, images: Tensor, adapters: bool = True) -> Tensor:
         """Projected class-token features ``[B, embed_dim]`` (not normalised).
@@ -543,6 +573,23 @@ class Backbone(nn.Module):
         if self.visual.proj is not None:
             pooled = pooled @ self.visual.proj
         return pooled
+
+    def encode_image_blocks(self, images: Tensor, blocks: Sequence[int],
+                            adapters: bool = True) -> tuple[Tensor, dict[int, Tensor]]:
+        """``(cls [B, D], {l: H_l [B, 1+L, width]})``: the projected class token (exactly
+        :meth:`encode_image`) and the residual stream after each block ``l`` in ``blocks``
+        (batch-first, before ``ln_post``; negative indices count from the end). CAMS reads the
+        last M blocks this way (docs/cams.md)."""
+        n = len(self.visual.transformer.resblocks)
+        bad = [int(b) for b in blocks if not -n <= int(b) < n]
+        if bad:
+            raise ValueError(f"block(s) {bad} out of range: {self.arch} has {n} visual blocks (0..{n - 1})")
+        want = sorted({int(b) % n for b in blocks})
+        x, kept = self._run_blocks(images, adapters, want)
+        pooled, _ = self.visual._pool(x)
+        if self.visual.proj is not None:
+            pooled = pooled @ self.visual.proj
+        return pooled, kept
 
     def encode_image_tokens(self, images: Tensor, adapters: bool = True) -> tuple[Tensor, Tensor]:
         """``(cls [B, D], patches [B, L, D])``: ``ln_post`` and ``proj`` applied to every token.

@@ -10,6 +10,11 @@ float and ``--set use_amp=no`` a bool; an unknown key or a value of the wrong ty
 line naming the key, the expected type and how to fix it. Nested dataclasses are addressed with
 dots (``--set optim.lr=1e-3``).
 
+Values are also checked, so a bad one fails when the config is resolved rather than deep inside
+a run: every float must be finite (``nan``/``inf`` parse as floats but would only surface after
+training), and a field declared with :func:`at_least` keeps its minimum (``score_block: int =
+at_least(1, 50_000)``; 0 would end in ``torch.cat(): expected a non-empty list``).
+
 Everything here is pure Python (no torch), so the CLI can resolve configs cheaply.
 """
 
@@ -20,6 +25,7 @@ import difflib
 import enum
 import inspect
 import json
+import math
 import types
 import typing
 from pathlib import Path, PurePath
@@ -86,6 +92,39 @@ def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r} for {where}.{hint} Known keys: {', '.join(known)}")
 
 
+# -- value checks ------------------------------------------------------------------------------
+
+
+def at_least(minimum: int, default: int) -> Any:
+    """A dataclass field with ``default`` that must stay ``>= minimum`` (see the module docstring)."""
+    return dataclasses.field(default=default, metadata={"min": minimum})
+
+
+def check_value(f: dataclasses.Field, value: Any, key: str) -> None:
+    """Raise :class:`ConfigError` when ``value`` of field ``f`` is not finite or below its minimum."""
+    for item in value if isinstance(value, (list, tuple)) else (value,):
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"{key}: expected a finite float, got {value!r}")
+    minimum = f.metadata.get("min")
+    if minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum:
+        raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+
+
+def check_config(cfg: Any, where: str | None = None) -> None:
+    """:func:`check_value` on every field of a config instance, nested configs included."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f.name if where is None else f"{where}.{f.name}"
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_config(value, key)
+        else:
+            check_value(f, value, key)
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
 # -- value coercion ----------------------------------------------------------------------------
 
 
@@ -105,11 +144,14 @@ def coerce(value: Any, tp: Any, key: str = "value") -> Any:
         if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
             if len(non_none) < len(args):
                 return None
+        errors = []
         for option in non_none:
             try:
                 return coerce(value, option, key)
-            except ConfigError:
-                continue
+            except ConfigError as exc:
+                errors.append(exc)
+        if len(errors) == 1:  # Optional[X]: X's own message says more ("a finite float")
+            raise errors[0]
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
     if origin is Literal:
@@ -181,14 +223,19 @@ def coerce(value: Any, tp: Any, key: str = "value") -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a float, got {value!r}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value.strip())
+                number = float(value.strip())
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a float, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a float, got {value!r}")
+        if not math.isfinite(number):  # "nan", "inf", "1e999", YAML .nan
+            raise ConfigError(f"{key}: expected a finite float, got {value!r}")
+        return number
 
     if tp is str:
         if isinstance(value, str):
@@ -299,6 +346,7 @@ def apply_values(cfg: C, values: dict[str, Any], where: str | None = None) -> C:
     cls = type(cfg)
     where = where or cls.__qualname__
     types_ = _field_types(cls)
+    fields_ = _fields(cls)
     changes: dict[str, Any] = {}
     for key, value in values.items():
         key = _canonical_key(cls, key)
@@ -309,9 +357,13 @@ def apply_values(cfg: C, values: dict[str, Any], where: str | None = None) -> C:
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
             changes[key] = apply_values(current, value, where=f"{where}.{key}")
         else:
-            changes[key] = coerce(value, tp, key if where == cls.__qualname__ else f"{where}.{key}")
+            label = key if where == cls.__qualname__ else f"{where}.{key}"
+            changes[key] = coerce(value, tp, label)
+            check_value(fields_[key], changes[key], label)
     try:
         return dataclasses.replace(cfg, **changes)
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as exc:  # __post_init__ validation of the config class
         raise ConfigError(f"invalid {where}: {exc}") from exc
 
@@ -347,6 +399,7 @@ def parse_overrides(items: list[str] | tuple[str, ...], config_cls: type | None 
 
 def _coerce_nested(cls: type, values: dict[str, Any], where: str, prefix: str) -> dict[str, Any]:
     types_ = _field_types(cls)
+    fields_ = _fields(cls)
     out: dict[str, Any] = {}
     for key, value in values.items():
         key = _canonical_key(cls, key)
@@ -360,6 +413,7 @@ def _coerce_nested(cls: type, values: dict[str, Any], where: str, prefix: str) -
             raise ConfigError(f"{dotted} is a {_type_name(tp)}, not a group; use --set {dotted}=VALUE")
         else:
             out[key] = coerce(value, tp, dotted)
+            check_value(fields_[key], out[key], dotted)
     return out
 
 
@@ -424,6 +478,7 @@ def resolve_config(
     if overrides:
         values = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides), config_cls)
         cfg = apply_values(cfg, values)
+    check_config(cfg)  # also what defaults() and a config file set
     return cfg
 
 

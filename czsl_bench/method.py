@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 
+from czsl_bench.config import at_least, check_config
 
 Scores = torch.Tensor | Iterator[tuple[int, torch.Tensor]]
 
@@ -70,35 +71,28 @@ class TrainConfig:
     as ``auc``, ``best_hm``, ``best_unseen``; higher is better), or ``last`` for the final epoch.
     """
 
-    epochs: int = 10
-    batch_size: int = 64
-    grad_accum: int = 1
+    epochs: int = at_least(0, 10)
+    batch_size: int = at_least(1, 64)
+    grad_accum: int = at_least(1, 1)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = 1e-4
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
     adam_eps: float = 1e-8
     scheduler: Literal["none", "step", "cosine"] = "none"
-    step_size: int = 0  # StepLR period in epochs; 0 = max(epochs // 5, 1) as in PLID
+    step_size: int = at_least(0, 0)  # StepLR period in epochs; 0 = max(epochs // 5, 1) as in PLID
     gamma: float = 0.5
     max_grad_norm: float = 0.0  # 0 = no clipping
     amp: bool = True  # mixed precision, CUDA only
     amp_dtype: Literal["float16", "bfloat16"] = "float16"
-    val_every: int = 1  # validate every k epochs (and always after the last one)
+    val_every: int = at_least(1, 1)  # validate every k epochs (and always after the last one)
     select_metric: str = "auc"
-    num_workers: int = 0
+    num_workers: int = at_least(0, 0)
 
     def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        check_config(self)  # finite floats and the at_least minimums, also for configs built in Python
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.val_every < 1:
-            raise ValueError(f"val_every must be >= 1, got {self.val_every}")
 
 
 @dataclass
@@ -132,10 +126,9 @@ class RunContext:
     cache: Any = None  # czsl_bench.cache.FeatureCache or None (features recomputed)
     progress: Any = field(default_factory=NullProgress)
     eval_batch_size: int = 256
-    num_workers: int | None = None  # DataLoader workers; None = fit the machine (czsl_bench.loading)
+    num_workers: int = 0
     name_policy: str = "dots"  # the dataset plugin's (czsl_bench.names)
     _features: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
-    _decoded_images: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def clean_name(self, name: str) -> str:
         """A primitive name as prompt words, under the dataset's name policy."""
@@ -146,23 +139,6 @@ class RunContext:
     def split(self, name: str, world: str = "closed") -> Any:
         """The dataset's split ``name`` in ``world`` (memoised by the dataset)."""
         return self.dataset.split(name, world)
-
-    def train_images(self, split: Any) -> torch.utils.data.Dataset:
-        """The training images of ``split`` for the Trainer: decoded once (the decoded-image
-        cache), the backbone's training augmentation applied per batch on ``device``; the same
-        tensors and random draws as ``split.dataset(backbone.preprocess_train)``
-        (czsl_bench/image_data.py, docs/methods.md "Input pipeline")."""
-        from czsl_bench.image_data import train_images
-
-        return train_images(self, split)
-
-    def eval_batches(self, split: Any, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
-        """``(images, labels, indices)`` batches of ``split`` in order on ``device``, with the
-        backbone's evaluation transform: the tensors of ``split.dataset(backbone.preprocess_eval)``,
-        read from the decoded-image cache."""
-        from czsl_bench.image_data import eval_batches
-
-        return eval_batches(self, split, batch_size)
 
     def image_features(self, split: Any) -> torch.Tensor:
         """``[N, D]`` float32 image features of ``split`` from the frozen image encoder (CPU).
@@ -180,12 +156,9 @@ class RunContext:
 
 
 def _image_features(ctx: RunContext, split: Any) -> torch.Tensor:
-    from czsl_bench.loading import loader_settings
-
-    workers = loader_settings(ctx.device, ctx.num_workers, decodes=True, items=len(split)).num_workers
     if ctx.cache is None:
         return encode_split_images(ctx.backbone, split, ctx.device, ctx.eval_batch_size,
-                                   workers, ctx.progress)
+                                   ctx.num_workers, ctx.progress)
     from czsl_bench.cache import split_image_features
 
     with ctx.progress.task(f"image features: {split.name}", total=len(split)) as task:
@@ -196,7 +169,7 @@ def _image_features(ctx: RunContext, split: Any) -> torch.Tensor:
             done_so_far[0] = done
 
         feats = split_image_features(ctx.backbone, split, ctx.cache, ctx.eval_batch_size,
-                                     workers, report)
+                                     ctx.num_workers, report)
     return feats.float().cpu()
 
 
@@ -260,9 +233,20 @@ class Method:
         """Named variants: ``{"no-dropout": {"attr_dropout": 0.0}}``; run with ``--ablation``."""
         return {}
 
+    def validation_metrics(self, ctx: RunContext, split: Any) -> dict[str, float]:
+        """Extra numbers the harness adds to each validation's metrics (higher is better), so that
+        ``select_metric`` can name them: VP-CMJL's released selection rule is a validation loss
+        (docs/vpcmjl.md). They go into the training history, not into the record's metrics."""
+        return {}
+
     def explain(self, ctx: RunContext, split: Any, index: int, top: int = 5) -> dict[str, Any]:
         """A JSON-ready account of why image ``index`` of ``split`` got its top pairs."""
         raise NotImplementedError(f"method {self.name!r} has no explain()")
+
+    def record_info(self) -> dict[str, Any]:
+        """JSON-ready facts about this run that the record keeps under ``environment.method``
+        (e.g. which description bank was read and how many pairs fell back); ``{}`` = none."""
+        return {}
 
     # -- Trainer hooks ----------------------------------------------------------------------------
     @property

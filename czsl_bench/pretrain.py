@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -231,7 +232,11 @@ def _pretrain(cfg: PretrainConfig, corpus, log: Callable[[str], None]) -> Pretra
 
 def _cached_web_corpus(cfg: PretrainConfig, excluded: list[tuple[str, str]]):
     """The web corpus for ``cfg``, rendered once and cached as ``$CZSL_CACHE/web/<key>.npz``
-    (the corpus is a pure function of the key, so a cached copy is identical to a fresh one)."""
+    (the corpus is a pure function of the key, so a cached copy is identical to a fresh one).
+
+    The file stores its key and a sha256 of its content; a file that is damaged, truncated or
+    not the corpus of this key is reported, deleted and rendered again, never trained on.
+    """
     import numpy as np
 
     from czsl_bench.datasets.synthetic import GENERATOR_VERSION, WEB_CORPUS_VERSION, default_cache_dir, web_corpus
@@ -240,14 +245,37 @@ def _cached_web_corpus(cfg: PretrainConfig, excluded: list[tuple[str, str]]):
                       "exclude": [f"{a} {o}" for a, o in excluded]}, sort_keys=True)
     path = default_cache_dir().parent / "web" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     if path.is_file():
-        with np.load(path) as data:
-            return data["images"], [str(c) for c in data["captions"]], "cache hit"
+        try:
+            with np.load(path) as data:
+                if "sha256" not in data.files:
+                    raise ValueError("written before corpus files carried a checksum")
+                images, captions = data["images"], [str(c) for c in data["captions"]]
+                if str(data["key"]) != key:
+                    raise ValueError("it holds another corpus")
+                if str(data["sha256"]) != _corpus_checksum(images, captions):
+                    raise ValueError("checksum mismatch")
+            return images, captions, "cache hit"
+        except Exception as exc:  # noqa: BLE001 - zip CRC, truncation, missing arrays: all mean re-render
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            logging.getLogger(__name__).warning(
+                "web corpus cache file %s is damaged (%s); deleting it and rendering the corpus again", path, reason)
+            path.unlink(missing_ok=True)
     images, captions, _ = web_corpus(cfg.n_images, cfg.web_seed, cfg.image_size, excluded, workers=2)
     from czsl_bench.atomic import atomic_file
 
     with atomic_file(path) as handle:
-        np.savez(handle, images=images, captions=np.array(captions))
+        np.savez(handle, images=images, captions=np.array(captions), key=np.array(key),
+                 sha256=np.array(_corpus_checksum(images, captions)))
     return images, captions, "rendered"
+
+
+def _corpus_checksum(images, captions: list[str]) -> str:
+    import numpy as np
+
+    digest = hashlib.sha256(f"{images.dtype}|{images.shape}\n".encode())
+    digest.update(np.ascontiguousarray(images).reshape(-1).view(np.uint8))  # no copy of the 245 MB
+    digest.update("\n".join(captions).encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
 
 
 def _versions() -> dict[str, str]:

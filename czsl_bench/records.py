@@ -509,7 +509,7 @@ def migrate_file(path: Path, results_dir: str | Path, dataset_versions: dict[str
 
 
 def _ablation_overrides(record: RunRecord) -> dict[str, Any]:
-    from czsl_bench.api import dataset_plugin
+    from czsl_bench.api import changed_fields, dataset_plugin
     from czsl_bench.config import resolve
     from czsl_bench.registry import METHODS
 
@@ -517,7 +517,7 @@ def _ablation_overrides(record: RunRecord) -> dict[str, Any]:
         resolved = resolve(METHODS.get(record.method), dataset_plugin(record.dataset).recipe, None, record.variant)
     except Exception as exc:  # noqa: BLE001 - without the plugin the change is unknown
         raise RecordError(f"cannot resolve ablation {record.variant!r} of {record.method} ({exc})") from None
-    return {k: v for k, v in resolved.changed.items() if not resolved.sources[k].startswith("derived")}
+    return changed_fields(resolved)
 
 
 def find_existing(results_dir: str | Path, identity: Any, variant: str | None = None,
@@ -626,6 +626,7 @@ def describe_device(device: Any = None) -> dict[str, Any]:
     )
     info["type"] = dev.type
     info["torch_threads"] = torch.get_num_threads()
+    info.update(_cpu_kernels(torch))
     if dev.type == "cuda":
         index = dev.index if dev.index is not None else torch.cuda.current_device()
         info["name"] = torch.cuda.get_device_name(index)
@@ -634,6 +635,48 @@ def describe_device(device: Any = None) -> dict[str, Any]:
         info["count"] = torch.cuda.device_count()
     info["deterministic"] = bool(torch.are_deterministic_algorithms_enabled())
     return info
+
+
+def _cpu_kernels(torch: Any) -> dict[str, Any]:
+    """What decides which CPU kernels torch runs, so two records that differ in the last digits
+    can be told apart (docs/results.md, Reproducibility): the CPU model, the instruction set torch
+    dispatches to, and the BLAS / oneDNN builds it carries."""
+    info: dict[str, Any] = dict(_cpu_model())
+    try:
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        pass
+    try:
+        config = torch.__config__.show()
+    except (AttributeError, RuntimeError):
+        return info
+    for key, pattern in (("blas", r"(Intel\(R\) oneAPI Math Kernel Library Version \S+|OpenBLAS[^\n,]*)"),
+                         ("onednn", r"MKL-DNN (v[\d.]+)")):
+        match = re.search(pattern, config)
+        if match:
+            info[key] = match.group(1).strip()
+    return info
+
+
+def _cpu_model() -> dict[str, str]:
+    """``cpu_model`` and ``cpu_vendor`` (MKL picks other kernels on AMD than on Intel).
+    platform.processor() is empty on most Linux systems; /proc/cpuinfo names the part."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key in ("model name", "vendor_id") and key not in fields:
+                    fields[key] = value.strip()
+                if len(fields) == 2:
+                    break
+    except OSError:
+        pass
+    out = {"cpu_model": fields.get("model name") or platform.processor() or platform.machine()}
+    if "vendor_id" in fields:
+        out["cpu_vendor"] = fields["vendor_id"]
+    return out
 
 
 def environment(device: Any = None) -> dict[str, Any]:

@@ -17,6 +17,9 @@ import torch
 # Every DataLoader generator and worker seed is derived from the run seed with this offset so
 # that data order does not share a stream with parameter initialisation.
 _LOADER_STREAM = 0x5EED
+# np.random.seed takes [0, 2**32) (torch.manual_seed more); api.SEED_LIMIT is the same number,
+# kept there so parsing --seed never imports torch.
+SEED_LIMIT = 2**32
 
 
 @dataclass(frozen=True)
@@ -29,10 +32,10 @@ class SeedInfo:
 
 def seed_everything(seed: int, deterministic: bool = False) -> SeedInfo:
     """Seed ``random``, NumPy and torch (all devices); optionally switch on deterministic mode."""
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, {SEED_LIMIT - 1}], got {seed!r}")
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed)
     torch.manual_seed(seed)  # seeds every CUDA device too
     set_deterministic(deterministic)
     return SeedInfo(seed=seed, deterministic=deterministic)

@@ -44,10 +44,10 @@ METRIC_LABELS = {
 # Display names and the order of the papers' tables; unknown names sort after these, alphabetically.
 METHOD_LABELS = {
     "clip": "CLIP", "clip-zs": "CLIP", "coop": "CoOp", "csp": "CSP", "plid": "PLID",
-    "troika": "Troika", "cluspro": "ClusPro",
+    "troika": "Troika", "cluspro": "ClusPro", "lazsl": "LaZSL", "vpcmjl": "VP-CMJL", "cams": "CAMS",
 }
 DATASET_LABELS = {"mit-states": "MIT-States", "ut-zappos": "UT-Zappos", "cgqa": "C-GQA", "synthetic": "Synthetic"}
-METHOD_ORDER = ("clip", "clip-zs", "coop", "csp", "plid", "troika", "cluspro")
+METHOD_ORDER = ("clip", "clip-zs", "coop", "csp", "plid", "troika", "cluspro", "vpcmjl", "cams")
 DATASET_ORDER = ("mit-states", "ut-zappos", "cgqa", "synthetic")
 FULL_VARIANT = "full"  # the ablation table's name for the method as published (variant None)
 PAPER_SUFFIX = " (paper)"
@@ -90,6 +90,8 @@ class ResultTable:
     rows: dict[str, tuple[str, str]]
     title: str = ""
     notes: list[str] = field(default_factory=list)  # configurations kept apart, and why
+    # (row, dataset label) -> (seeds present, seeds a sweep planned): cells of a sweep not yet complete
+    partial: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -283,6 +285,7 @@ def build_table(
     with_reported: bool = False,
     reference: Iterable[RunRecord] = (),
     backbone_in_label: bool | None = None,
+    expected: dict[str, set[int]] | None = None,
 ) -> ResultTable:
     """The main table: one row per method configuration (runs of the recipe defaults are the
     plain "CSP" row; runs with changed fields get "CSP (lr=5e-05)"), columns per dataset × metric.
@@ -291,7 +294,9 @@ def build_table(
 
     ``backbone_in_label`` appends the backbone to every row label (default: only when the
     records span several backbones, so they are never averaged together). Ablation runs
-    (``variant`` set) are left out; see :func:`build_ablation_table`.
+    (``variant`` set) are left out; see :func:`build_ablation_table`. ``expected`` maps group
+    fingerprints to the seeds a sweep planned (czsl_bench.sweep.expected_seeds): a cell holding
+    fewer of them is marked partial, ``(k/n)`` after its value.
     """
     def wanted(r: RunRecord) -> bool:
         return (r.setting == setting and r.variant is None
@@ -334,7 +339,23 @@ def build_table(
     title = f"{setting} world, {split} split"
     table = _assemble(agg, list(rows), dataset_order, metrics, setting, split, rows, title)
     table.notes = notes
+    if expected:
+        table.partial = _partial_cells(long, expected)
+        if table.partial:
+            table.notes.append("(k/n): k of the n seeds a sweep planned are recorded; the others are still "
+                               "queued, running or failed (czsl-bench jobs)")
     return table
+
+
+def _partial_cells(long: pd.DataFrame, expected: dict[str, set[int]]) -> dict[tuple[str, str], tuple[int, int]]:
+    out = {}
+    runs = long[long["source"] == "run"]
+    for (row, dataset), cell in runs.groupby(["row", "dataset"], sort=False):
+        present = {int(s) for s in cell["seed"].dropna()}
+        wanted = set().union(*(expected.get(g, set()) for g in set(cell["group"])))
+        if wanted - present:
+            out[(row, dataset_label(dataset))] = (len(present), len(present | wanted))
+    return out
 
 
 def build_ablation_table(
@@ -439,7 +460,10 @@ def _cells(table: ResultTable, fmt: str, decimals: int) -> pd.DataFrame:
     out = pd.DataFrame("", index=table.mean.index, columns=table.mean.columns, dtype=object)
     for col in table.mean.columns:
         for row in table.mean.index:
-            out.loc[row, col] = _cell(table.mean.loc[row, col], table.std.loc[row, col], style, decimals)
+            text = _cell(table.mean.loc[row, col], table.std.loc[row, col], style, decimals)
+            if (row, col[0]) in table.partial and text != style.missing:
+                text += " ({}/{})".format(*table.partial[(row, col[0])])
+            out.loc[row, col] = text
     return out
 
 

@@ -85,6 +85,7 @@ class CheckReport:
     checksums: list[tuple[str, str]] = field(default_factory=list)  # (file, "match" | "differs" | ...)
     images_checked: int = 0
     image_mode: str = "none"
+    checksum_source: str = "split files against the canonical copies"
 
     def errors(self) -> list[Finding]:
         return [f for f in self.findings if f.level == "error"]
@@ -118,7 +119,7 @@ class CheckReport:
                 out.append(f"  {c.key:<20} {found:>9} {expected:>9}  {c.provenance:<9} {mark}")
         if self.checksums:
             out.append("")
-            out.append("  split files against the canonical copies (sha256):")
+            out.append(f"  {self.checksum_source} (sha256):")
             for name, status in self.checksums:
                 out.append(f"    {name:<52} {status}")
         if self.image_mode != "none" and self.images_checked:

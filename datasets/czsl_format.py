@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
+import logging
+import operator
 import os
 import pickle
 from collections.abc import Callable, Iterable, Sequence
@@ -38,7 +41,7 @@ from typing import Any
 import torch
 import torch.utils.data
 
-from czsl_bench.atomic import atomic_write_text
+from czsl_bench.atomic import atomic_write_bytes
 from czsl_bench.hashing import sha256_file
 
 SPLIT_DIR = "compositional-split-natural"
@@ -50,6 +53,7 @@ WORLDS = ("closed", "open")
 REQUIRED_KEYS = ("image", "attr", "obj", "set")
 
 Pair = tuple[str, str]
+log = logging.getLogger(__name__)
 
 
 def pair_file(root: Path, split: str) -> Path:
@@ -120,8 +124,10 @@ def lexical_escape(rel: str) -> str | None:
         return "an empty path"
     if "\x00" in rel:
         return "a NUL byte"
-    # pathlib drops everything before an absolute component: root / "/etc/passwd" is /etc/passwd
-    if rel[0] in "/\\" or (rel[1:2] == ":" and rel[0].isalpha()):
+    # pathlib drops everything before an absolute component: root / "/etc/passwd" is /etc/passwd.
+    # Backslashes count as separators too (a metadata file written on Windows); drive letters
+    # mean nothing on POSIX, where "C:/x" is a folder named "C:" inside the root.
+    if rel[0] in "/\\":
         return "an absolute path"
     if ".." in rel and ".." in rel.replace("\\", "/").split("/"):
         return "a '..' component"
@@ -177,14 +183,35 @@ class RootGuard:
 def escaping_records(records: Sequence[dict[str, Any]]) -> list[tuple[int, str, str, str]]:
     """``(record index, key, path, reason)`` for every metadata path that lexically leaves the root."""
     out = []
-    for i, rec in enumerate(records):
-        for key in PATH_KEYS:
-            value = rec.get(key)
-            if isinstance(value, str):
-                reason = lexical_escape(value)
+    for key in PATH_KEYS:
+        if key != "image" and not any(map(operator.contains, records, itertools.repeat(key))):
+            continue  # no record has it (only UT-Zappos has '_image')
+        values = [rec.get(key) for rec in records]
+        if _may_escape([v for v in values if v.__class__ is str]):
+            for i, value in enumerate(values):
+                reason = lexical_escape(value) if isinstance(value, str) else None
                 if reason is not None:
                     out.append((i, key, value, reason))
-    return out
+    return sorted(out)
+
+
+def _may_escape(paths: list[str]) -> bool:
+    """False only when :func:`lexical_escape` accepts every path (exact: it never misses one).
+
+    Every load runs this over every record (63k on MIT-States), so it scans all paths at once in
+    C instead of calling lexical_escape per path; only paths containing ``..`` (50 real MIT-States
+    file names do) are looked at one by one.
+    """
+    if not paths:
+        return False
+    # "/" sorts before digits and letters: the startswith scan runs only when some path begins
+    # with punctuation
+    if "" in paths or (min(paths) < "0" and any(map(str.startswith, paths, itertools.repeat("/")))):
+        return True
+    text = "\n".join(paths)
+    if "\x00" in text or "\\" in text:
+        return True
+    return ".." in text and any(lexical_escape(p) is not None for p in paths if ".." in p)
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,7 +272,8 @@ def read_pair_file(path: str | os.PathLike, fix: str = "") -> list[Pair]:
     return pairs
 
 
-METADATA_CACHE_FORMAT = 1
+# 2: a header line with the sha256 of the records that follow it (format 1 had no checksum)
+METADATA_CACHE_FORMAT = 2
 
 
 def _metadata_cache_dir() -> Path | None:
@@ -257,20 +285,49 @@ def _metadata_cache_dir() -> Path | None:
     return default_cache_root() / "metadata"
 
 
-def _read_metadata_cache(cache_dir: Path, digest: str) -> list[dict[str, str]] | None:
+def _read_metadata_cache(cache_dir: Path, digest: str, source: Path) -> list[dict[str, str]] | None:
+    """The cached records, or None on a miss; a damaged entry is reported, deleted and a miss.
+
+    The checksum matters: the records decide which split each image is in, so one flipped byte
+    (``"val"`` -> ``"vam"``, which the loader puts in test) would silently change test numbers.
+    """
+    path = cache_dir / f"{digest}.json"
     try:
-        doc = json.loads((cache_dir / f"{digest}.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raw = path.read_bytes()
+    except OSError:
         return None
-    if not isinstance(doc, dict) or doc.get("format") != METADATA_CACHE_FORMAT or doc.get("sha256") != digest:
-        return None
-    return doc.get("records")
+    header, _, body = raw.partition(b"\n")
+    try:
+        head = json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        head = None
+    if isinstance(head, dict) and head.get("format") != METADATA_CACHE_FORMAT:
+        return None  # written by another version: replaced without a word
+    problem = None
+    if not isinstance(head, dict):
+        problem = "unreadable header"
+    elif head.get("sha256") != digest:
+        problem = "it belongs to another metadata file"
+    elif head.get("records_sha256") != hashlib.sha256(body).hexdigest():
+        problem = "checksum mismatch"
+    else:
+        try:
+            records = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            records = None
+        if isinstance(records, list):
+            return records
+        problem = "not a list of records"
+    log.warning("metadata cache file %s is damaged (%s); deleting it and re-reading %s", path, problem, source)
+    path.unlink(missing_ok=True)
+    return None
 
 
 def _write_metadata_cache(cache_dir: Path, digest: str, records: list[dict[str, str]]) -> None:
+    body = json.dumps(records).encode("ascii")  # ensure_ascii: even lone surrogates round-trip
+    head = {"format": METADATA_CACHE_FORMAT, "sha256": digest, "records_sha256": hashlib.sha256(body).hexdigest()}
     try:
-        atomic_write_text(cache_dir / f"{digest}.json",
-                          json.dumps({"format": METADATA_CACHE_FORMAT, "sha256": digest, "records": records}))
+        atomic_write_bytes(cache_dir / f"{digest}.json", json.dumps(head).encode() + b"\n" + body)
     except OSError:
         pass  # the cache only saves time; a read-only cache folder must not break loading
 
@@ -294,7 +351,7 @@ def load_metadata(path: str | os.PathLike, fix: str = "", cache: bool = True) ->
     digest = None
     if cache_dir is not None:
         digest = sha256_file(path)
-        cached = _read_metadata_cache(cache_dir, digest)
+        cached = _read_metadata_cache(cache_dir, digest, path)
         if cached is not None:
             _validate_records(cached, path, fix)
             return cached

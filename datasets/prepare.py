@@ -28,7 +28,6 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from czsl_bench.atomic import atomic_file, atomic_write_bytes
-
 from czsl_bench.hashing import sha256_file
 
 from .check import CheckReport, inspect_dataset

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from czsl_bench.config import at_least
 from czsl_bench.method import Method, RunContext
 
 from .soft_prompt import CosineScoring, explain_scores, logit_scale
@@ -21,8 +22,8 @@ from .soft_prompt import CosineScoring, explain_scores, logit_scale
 @dataclass
 class CLIPConfig:
     template: str = "a photo of {attr} {obj}"
-    text_batch_size: int = 1024  # prompts per text-encoder call
-    score_block: int = 50_000  # open worlds with more pairs are scored as column blocks
+    text_batch_size: int = at_least(1, 1024)  # prompts per text-encoder call
+    score_block: int = at_least(1, 50_000)  # open worlds with more pairs are scored as column blocks
 
     def __post_init__(self) -> None:
         if "{attr}" not in self.template or "{obj}" not in self.template:

@@ -286,6 +286,13 @@ class ClusPro(ThreePathMethod):
         self._reset_diagnostics()
         return {k: (v if math.isfinite(v) else float("nan")) for k, v in out.items()}
 
+    def explain(self, ctx, split, index: int, top: int = 5) -> dict:
+        """Three-path decomposition, plus the nearest prototypes of the training state."""
+        from czsl_bench.methods.explanations import three_path_explanation
+
+        return three_path_explanation(self, ctx, split, index, top,
+                                      (getattr(self, "attr_memory", None), getattr(self, "obj_memory", None)))
+
     # -- ablations -------------------------------------------------------------------------------
     @classmethod
     def ablations(cls) -> dict[str, dict[str, Any]]:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from czsl_bench.config import at_least
 from czsl_bench.method import Method, RunContext, TrainConfig, iter_column_blocks
 from czsl_bench.names import clean_name
 
@@ -121,9 +122,9 @@ class SoftPromptConfig(TrainConfig):
     """CSP-codebase training settings (docs/methods.md) plus the prompt's own."""
 
     attr_dropout: float = 0.0
-    context_length: int = 8  # training prompts are cut here (no effect on the features)
-    text_batch_size: int = 1024  # pairs per text-encoder call when scoring
-    score_block: int = 50_000  # open worlds with more pairs are scored as column blocks
+    context_length: int = at_least(1, 8)  # training prompts are cut here (no effect on the features)
+    text_batch_size: int = at_least(1, 1024)  # pairs per text-encoder call when scoring
+    score_block: int = at_least(1, 50_000)  # open worlds with more pairs are scored as column blocks
 
 
 # docs/methods.md: epochs 20, batch 64 x accumulation 2 (effective 128), weight decay 1e-5,
@@ -222,16 +223,21 @@ class SoftPromptMethod(CosineScoring, Method):
 
 
 def explain_scores(scores, split, index: int, top: int = 5) -> dict:
-    """Top pairs for one image with their scores, and where the true pair ranks."""
+    """Top pairs for one image with their scores, and where the true pair ranks (among the split's
+    candidate pairs, as the evaluator ranks them; no unseen bias)."""
     if not isinstance(scores, torch.Tensor):
-        scores = torch.cat([block for _, block in scores], dim=1)
-    row = scores[index]
-    order = row.argsort(descending=True)
+        scores = torch.cat([block[index:index + 1] for _, block in scores], dim=1)
+        index_row = 0
+    else:
+        index_row = index
+    row = scores[index_row].float()
+    order = torch.where(split.candidate_mask.bool(), row, torch.full_like(row, -float("inf"))).argsort(descending=True)
     gt = int(split.labels[index])
     return {
         "image": split.images[index],
         "true_pair": " ".join(split.pairs[gt]),
         "true_rank": int((order == gt).nonzero()[0, 0]) + 1,
+        "ranking": "by raw score among the split's candidate pairs (no unseen bias)",
         "top": [{"pair": " ".join(split.pairs[int(j)]), "score": float(row[j]),
                  "seen": bool(split.seen_mask[j])} for j in order[:top]],
     }

@@ -44,11 +44,14 @@ class ThreePathSpec:
     n_ctx: int = 3  # prompt-prefix length: the tokens of "a photo of"
     context_length: int = CONTEXT_LENGTH
     vocab_dropout: float = 0.3  # nn.Dropout on the whole vocabulary matrix (0 on C-GQA)
-    disentangler_stages: int = 2  # 1 = Troika, 2 = ClusPro
+    disentangler_stages: int = 2  # 1 = Troika, VP-CMJL; 2 = ClusPro; 0 = none (CAMS)
     disentangler_dropout: float = 0.5
     adapter_dim: int = 64
     adapter_dropout: float = 0.1
     adapter_scale: float = 0.1
+    adapter_blocks: int = 0  # 0 = every ViT block; M > 0 = only the last M (CAMS)
+    prim_template: str = "a photo of x"  # primitive prompt; its row goes at EOT-1 (docs/vpcmjl.md)
+    attr_row: bool = True  # False: attribute prompts carry no attribute row (CAMS's code, docs/cams.md)
     cmt_layers: int = 0  # > 0 enables Troika's cross-modal traction
     cmt_dropout: float = 0.0
     cmt_init_lambda: float = 0.1
@@ -161,8 +164,15 @@ class ThreePathModel(nn.Module):
         self.spec = spec
         self.n_attrs, self.n_objs = len(attrs), len(objs)
         if add_adapters and spec.adapter_dim > 0:
+            blocks = None
+            if spec.adapter_blocks:
+                n_blocks = backbone.vision_layers
+                if not 0 < spec.adapter_blocks <= n_blocks:
+                    raise ValueError(f"adapter_blocks {spec.adapter_blocks} is out of range: {backbone.arch} "
+                                     f"has {n_blocks} visual blocks (0 = all)")
+                blocks = range(n_blocks - spec.adapter_blocks, n_blocks)
             backbone.add_adapters(bottleneck=spec.adapter_dim, dropout=spec.adapter_dropout,
-                                  scale=spec.adapter_scale)
+                                  scale=spec.adapter_scale, blocks=blocks)
         # the backbone owns the adapter modules (its block loop calls them); registering the same
         # ModuleList here puts them in this model's parameters, state_dict and train/eval switch
         self.adapters = backbone.adapters if len(getattr(backbone, "adapters", ())) else None
@@ -174,7 +184,7 @@ class ThreePathModel(nn.Module):
             names = [clean(n) for n in list(attrs) + list(objs)]
             self.vocabulary = nn.Parameter(self._mean_name_embeddings(names))
             comp_ids = self._tokenize(["a photo of x x"])
-            prim_ids = self._tokenize(["a photo of x"])
+            prim_ids = self._tokenize([spec.prim_template])
         self.register_buffer("comp_ids", comp_ids, persistent=False)
         self.register_buffer("prim_ids", prim_ids, persistent=False)
         self.register_buffer("comp_template", backbone.token_embedding(comp_ids).detach().float(),
@@ -186,13 +196,14 @@ class ThreePathModel(nn.Module):
         self.vocab_dropout = nn.Dropout(spec.vocab_dropout)
 
         dim = int(backbone.embed_dim)
-        self.attr_dis = Disentangler(dim, spec.disentangler_dropout)
-        self.obj_dis = Disentangler(dim, spec.disentangler_dropout)
+        if spec.disentangler_stages not in (0, 1, 2):
+            raise ValueError(f"disentangler_stages must be 0, 1 or 2, got {spec.disentangler_stages}")
+        if spec.disentangler_stages >= 1:
+            self.attr_dis = Disentangler(dim, spec.disentangler_dropout)
+            self.obj_dis = Disentangler(dim, spec.disentangler_dropout)
         if spec.disentangler_stages == 2:
             self.attr_dis2 = Disentangler(dim, spec.disentangler_dropout)
             self.obj_dis2 = Disentangler(dim, spec.disentangler_dropout)
-        elif spec.disentangler_stages != 1:
-            raise ValueError(f"disentangler_stages must be 1 or 2, got {spec.disentangler_stages}")
         self.cmt = (CrossModalTraction(dim, spec.cmt_layers, spec.cmt_dropout, spec.cmt_init_lambda)
                     if spec.cmt_layers > 0 else None)
 
@@ -212,25 +223,32 @@ class ThreePathModel(nn.Module):
     def logit_scale(self) -> float:
         return float(self.backbone.logit_scale)
 
-    def _encode(self, template: Tensor, prefix: Tensor, slots: list[tuple[int, Tensor]], eot: int) -> Tensor:
-        n = slots[0][1].shape[0]
+    def _encode(self, template: Tensor, prefix: Tensor, slots: list[tuple[int, Tensor]], eot: int,
+                normalize: bool = True, n: int | None = None) -> Tensor:
+        n = slots[0][1].shape[0] if n is None else n
         emb = template.expand(n, -1, -1).clone()
         emb[:, 1 : 1 + self.spec.n_ctx] = prefix.to(emb.dtype)
         for position, rows in slots:
             emb[:, position] = rows.to(emb.dtype)
         eot_index = torch.full((n,), eot, dtype=torch.long, device=emb.device)
-        return F.normalize(self.backbone.encode_text_embeddings(emb, eot_index).float(), dim=-1)
+        out = self.backbone.encode_text_embeddings(emb, eot_index).float()
+        return F.normalize(out, dim=-1) if normalize else out
 
-    def text_features(self, pair_attr: Tensor, pair_obj: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def text_features(self, pair_attr: Tensor, pair_obj: Tensor, raw: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """L2-normalised text features ``(comp [P, D], attr [|A|, D], obj [|O|, D])`` for the
-        given pairs. Vocabulary dropout applies in training mode (one mask for all prompts)."""
+        given pairs (``raw=True``: before normalisation; VP-CMJL's cross-attention keys).
+        Vocabulary dropout applies in training mode (one mask for all prompts)."""
+        norm = not raw
         vocab = self.vocab_dropout(self.vocabulary)
         a_rows, o_rows = vocab[: self.n_attrs], vocab[self.n_attrs :]
         comp = self._encode(self.comp_template, self.prefix[0],
                             [(self.comp_eot - 2, a_rows[pair_attr]), (self.comp_eot - 1, o_rows[pair_obj])],
-                            self.comp_eot)
-        attr = self._encode(self.prim_template, self.prefix[1], [(self.prim_eot - 1, a_rows)], self.prim_eot)
-        obj = self._encode(self.prim_template, self.prefix[2], [(self.prim_eot - 1, o_rows)], self.prim_eot)
+                            self.comp_eot, norm)
+        if self.spec.attr_row:
+            attr = self._encode(self.prim_template, self.prefix[1], [(self.prim_eot - 1, a_rows)], self.prim_eot, norm)
+        else:  # the prefix and the template's literal token only: one prompt, the same for every attribute
+            attr = self._encode(self.prim_template, self.prefix[1], [], self.prim_eot, norm, n=1).expand(self.n_attrs, -1)
+        obj = self._encode(self.prim_template, self.prefix[2], [(self.prim_eot - 1, o_rows)], self.prim_eot, norm)
         return comp, attr, obj
 
     # -- image side ---------------------------------------------------------------------------
@@ -238,6 +256,8 @@ class ThreePathModel(nn.Module):
         cls, patches = self.backbone.encode_image_tokens(images)
         f = cls.float()
         tokens = torch.cat([f[:, None], patches.float()], 1) if self.cmt is not None else None
+        if self.spec.disentangler_stages == 0:
+            return BranchFeatures(f, tokens, f, f, f, f)
         a1, o1 = self.attr_dis(f), self.obj_dis(f)
         if self.spec.disentangler_stages == 2:
             a, o = self.attr_dis2(a1), self.obj_dis2(o1)
@@ -283,6 +303,7 @@ __all__ = [
 # The method plugin base shared by Troika, ClusPro and the ClusPro base
 # ============================================================================================
 
+from czsl_bench.config import at_least  # noqa: E402
 from czsl_bench.method import Method, RunContext, TrainConfig  # noqa: E402
 
 
@@ -301,19 +322,23 @@ class VInt(int, VariantDefault):
     pass
 
 
+class VStr(str, VariantDefault):
+    pass
+
+
 @dataclass
 class ThreePathConfig(TrainConfig):
     """Settings shared by the three-path methods (docs/cluspro.md)."""
 
     vocab_dropout: float = 0.3
     disentangler_dropout: float = 0.5
-    adapter_dim: int = 64
+    adapter_dim: int = at_least(1, 64)
     adapter_dropout: float = 0.1
     adapter_scale: float = 0.1
     w_pair: float = 1.0  # loss weights lambda_c, lambda_a, lambda_o
     w_attr: float = 1.0
     w_obj: float = 1.0
-    eval_text_batch: int = 4096  # prompts encoded per text-encoder call when scoring
+    eval_text_batch: int = at_least(1, 4096)  # prompts encoded per text-encoder call when scoring
     # The released code steps StepLR twice per epoch (spec §3.6.5); 1 everywhere else.
     scheduler_steps_per_epoch: int = 1
 
@@ -386,8 +411,7 @@ class ThreePathMethod(Method):
         train_index = {p: i for i, p in enumerate(ctx.dataset.train_pairs)}
         to_train = torch.tensor([train_index.get(tuple(p), -1) for p in split.pairs], device=ctx.device)
         self._train_lookup = (to_train, split.pair_attr.to(ctx.device), split.pair_obj.to(ctx.device))
-        # decoded once, augmented per batch: the PIL path's tensors and random draws (docs/methods.md)
-        return ctx.train_images(split)
+        return split.dataset(ctx.backbone.preprocess_train)
 
     def batch_targets(self, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         to_train, pair_attr, pair_obj = self._train_lookup
@@ -435,6 +459,8 @@ class ThreePathMethod(Method):
 
     @torch.no_grad()
     def score(self, ctx: RunContext, split) -> Tensor:
+        from torch.utils.data import DataLoader
+
         model = self.model
         model.eval()
         pair_attr = split.pair_attr.to(ctx.device)
@@ -443,10 +469,12 @@ class ThreePathMethod(Method):
         batch = ctx.eval_batch_size
         if model.cmt is not None:  # image-dependent text: bound the [B, P, D] tensor to ~64 M floats
             batch = max(1, min(batch, (64 << 20) // max(1, len(split.pairs) * model.backbone.embed_dim)))
+        loader = DataLoader(split.dataset(ctx.backbone.preprocess_eval), batch_size=batch,
+                            shuffle=False, num_workers=ctx.num_workers)
         out = []
-        with ctx.progress.task(f"{self.name}: score {split.name}", total=-(-len(split) // batch)) as task:
-            for images, _, _ in ctx.eval_batches(split, batch):
-                feats = model.image_features(images)
+        with ctx.progress.task(f"{self.name}: score {split.name}", total=len(loader)) as task:
+            for images, _, _ in loader:
+                feats = model.image_features(images.to(ctx.device))
                 s_c, s_a, s_o = model.branch_logits(feats, text)
                 out.append(model.combine(s_c, s_a, s_o, pair_attr, pair_obj).float().cpu())
                 task.advance()

@@ -58,3 +58,8 @@ class Troika(ThreePathMethod):
     def extra_spec(self) -> dict:
         c = self.config
         return dict(cmt_layers=c.cmt_layers, cmt_dropout=c.cmt_dropout, cmt_init_lambda=c.cmt_init_lambda)
+
+    def explain(self, ctx, split, index: int, top: int = 5) -> dict:
+        from czsl_bench.methods.explanations import three_path_explanation
+
+        return three_path_explanation(self, ctx, split, index, top)

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 import czsl_bench
 from czsl_bench import api
 from czsl_bench.cli import cli
+from czsl_bench.identity import RANDOM_INIT
 from czsl_bench.method import Method, NoConfig
 from czsl_bench.records import find_existing, read_record, record_path
 from czsl_bench.registry import METHODS
@@ -47,8 +48,9 @@ def test_clip_run_returns_and_writes_one_complete_record(toy, opts, tmp_path):
     assert record.fingerprint == ident.fingerprint and record.overrides == {} and record.variant is None
     assert (ident.method, ident.setting, ident.seed, ident.track) == ("clip", "closed", 0, "inductive")
     assert ident.dataset["name"] == "toy" and ident.dataset["version"]  # the content hash of the copy
-    assert ident.backbone == {"arch": "czsl-tiny-vit", "pretrained": None,
-                              "weights_hash": record.backbone["weights_hash"]}
+    # random weights are named by their init in the identity; the record keeps their actual hash
+    assert ident.backbone == {"arch": "czsl-tiny-vit", "pretrained": None, "weights_hash": RANDOM_INIT}
+    assert len(record.backbone["weights_hash"]) == 64
     assert ident.config == record.config and ident.protocol == record.protocol
     assert record.protocol and record.chosen_epoch is None
     assert set(record.metrics) == {"val", "test"} and 0 <= record.metrics["test"]["auc"] <= 1

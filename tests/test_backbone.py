@@ -163,6 +163,46 @@ def test_adapted_block_matches_the_spec_equation(tiny):
         assert not torch.allclose(tiny.encode_image(images()), tiny.encode_image(images(), adapters=False))
 
 
+def test_adapters_on_a_subset_of_blocks_touch_only_those_blocks(tiny):
+    """CAMS adapts only its last M blocks: add_adapters(blocks=...) puts the two adapters there."""
+    assert tiny.vision_layers == 2
+    params = tiny.add_adapters(bottleneck=8, dropout=0.0, blocks=[-1])
+    assert tiny.adapter_blocks == (1,) and len(tiny.adapters) == 2 and len(params) == 2 * 4
+    for a in tiny.adapters:
+        torch.nn.init.normal_(a.up.weight, std=0.1)
+    x = images()
+    with torch.no_grad():
+        _, plain = tiny.encode_image_blocks(x, [0, 1], adapters=False)
+        cls, adapted = tiny.encode_image_blocks(x, [0, 1])
+        blk = tiny.visual.transformer.resblocks[1]
+        expected = bb._adapted_block(blk, plain[0], tiny.adapters[0], tiny.adapters[1])
+    assert torch.equal(adapted[0], plain[0])  # block 0 has no adapter
+    torch.testing.assert_close(adapted[1], expected)
+    assert torch.equal(cls, tiny.encode_image(x))
+    with pytest.raises(ValueError, match="already added"):
+        tiny.add_adapters()
+
+
+def test_adapter_blocks_out_of_range_is_one_line(tiny):
+    with pytest.raises(ValueError, match=r"adapter block\(s\) \[2\] out of range: .* has 2 visual blocks"):
+        tiny.add_adapters(blocks=[0, 2])
+    with pytest.raises(ValueError, match=r"block\(s\) \[-3\] out of range"):
+        tiny.encode_image_blocks(images(), [-3])
+
+
+def test_block_outputs_are_the_residual_stream_before_ln_post(tiny):
+    x = images()
+    with torch.no_grad():
+        cls, hidden = tiny.encode_image_blocks(x, [-1, 0])
+        assert sorted(hidden) == [0, 1] and hidden[1].shape == (2, 17, 64)
+        last = tiny._visual_tokens(x, adapters=True)
+        first = tiny.visual.transformer.resblocks[0](tiny.visual._embeds(x))
+    assert torch.equal(hidden[1], last)
+    torch.testing.assert_close(hidden[0], first)
+    pooled = tiny.visual.ln_post(last[:, 0]) @ tiny.visual.proj
+    torch.testing.assert_close(cls, pooled)
+
+
 def test_backward_reaches_only_adapters_and_soft_tokens(tiny):
     tiny.add_adapters()
     for a in tiny.adapters:

@@ -156,14 +156,30 @@ def test_list_shows_datasets_with_status():
     assert synthetic.split()[-1] == "ok"
 
 
-def test_list_backbones_includes_the_embedded_one_and_clip_vits():
-    result = run_cli("list", "backbones", "--json")
-    assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)["backbones"]
+def _check_backbone_rows(rows) -> None:
     pairs = {(r["name"], r["pretrained"]) for r in rows}
     assert ("czsl-tiny-vit", "synthetic") in pairs
     assert ("ViT-L-14-quickgelu", "openai") in pairs
     assert all(r["name"] in {"czsl-tiny-vit"} or r["name"].startswith("ViT-") for r in rows)
+
+
+def test_list_backbones_includes_the_embedded_one_and_clip_vits():
+    # a fresh process, as a user runs it (the next test: one that loaded the backbone already)
+    code = "import sys; from czsl_bench.cli import main; sys.argv = ['czsl-bench', *sys.argv[1:]]; main()"
+    result = subprocess.run([sys.executable, "-c", code, "list", "backbones", "--json"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    _check_backbone_rows(json.loads(result.stdout)["backbones"])
+
+
+def test_list_backbones_in_a_process_that_loaded_the_embedded_backbone():
+    """Once loaded, open_clip knows the embedded arch's config; the row must stay listed."""
+    from czsl_bench.backbone import load_backbone
+
+    load_backbone("czsl-tiny-vit", None, device="cpu")
+    result = run_cli("list", "backbones", "--json")
+    assert result.exit_code == 0, result.output
+    _check_backbone_rows(json.loads(result.stdout)["backbones"])
 
 
 def test_list_rejects_unknown_kinds():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from czsl_bench.evaluation import PROTOCOL_VERSION, evaluate, evaluate_stream
+from czsl_bench.evaluation import PROTOCOL_VERSION, evaluate, evaluate_dense, evaluate_stream
 
 # pairs: p0, p1 seen; p2 unseen. Images 0,1 seen (gt p0, p1); images 2,3 unseen (gt p2).
 SCORES = torch.tensor([[5.0, 3.0, 4.0],
@@ -17,8 +17,12 @@ SEEN = torch.tensor([True, True, False])
 PAIR_ATTR = torch.tensor([0, 1, 0])
 PAIR_OBJ = torch.tensor([0, 0, 1])
 
+# the literal protocol, evaluate (a dense matrix through the streaming reducer), evaluate_stream
+EVERY_PATH = pytest.mark.parametrize("fn", [evaluate_dense, evaluate, evaluate_stream],
+                                     ids=["dense", "evaluate", "stream"])
 
-@pytest.mark.parametrize("fn", [evaluate, evaluate_stream], ids=["dense", "stream"])
+
+@EVERY_PATH
 def test_closed_world_top1(fn):
     # b=1e3: every image predicts p2 -> seen 0/2, unseen 2/2.
     # gaps (best seen - own): image 2: 3-2.5=0.5, image 3: 2-4=-2 -> biases -2.0001, 0.4999
@@ -38,7 +42,7 @@ def test_closed_world_top1(fn):
     assert (r.n_seen_images, r.n_unseen_images) == (2, 2)
 
 
-@pytest.mark.parametrize("fn", [evaluate, evaluate_stream], ids=["dense", "stream"])
+@EVERY_PATH
 def test_closed_world_top2(fn):
     # 2nd-best seen score: image 2 -> 1, gap -1.5; image 3 -> 1, gap -3 -> biases -3.0001, -1.5001
     # b=-3.0001: seen 2/2 (p0,p1 top-2), unseen 0/2; b=-1.5001: unseen 1/2 (image 3); end: 1, 1
@@ -50,7 +54,7 @@ def test_closed_world_top2(fn):
     assert r.best_hm == 1.0 and r.bias == 1e3
 
 
-@pytest.mark.parametrize("fn", [evaluate, evaluate_stream], ids=["dense", "stream"])
+@EVERY_PATH
 def test_candidate_mask_removes_pairs(fn):
     # Without p1 as a candidate, image 1 (gt p1) would be invalid; use a 4th pair instead.
     scores = torch.tensor([[5.0, 3.0, 4.0, 9.0],
@@ -67,7 +71,7 @@ def test_candidate_mask_removes_pairs(fn):
     assert r.attr_acc is None and r.n_candidates == 3
 
 
-@pytest.mark.parametrize("fn", [evaluate, evaluate_stream], ids=["dense", "stream"])
+@EVERY_PATH
 def test_no_unseen_image_ever_correct(fn):
     # The unseen image's pair is never predicted even at b=1e3 (another unseen pair wins):
     # the curve is the single end point, so best_seen = 0 and AUC = 0 (the official behaviour).
@@ -79,7 +83,7 @@ def test_no_unseen_image_ever_correct(fn):
     assert r.best_seen == 0.0 and r.auc == 0.0 and r.best_hm == 0.0
 
 
-@pytest.mark.parametrize("fn", [evaluate, evaluate_stream], ids=["dense", "stream"])
+@EVERY_PATH
 def test_only_seen_images_reports_undefined_not_zero(fn):
     scores = torch.tensor([[5.0, 1.0], [1.0, 5.0]])
     r = fn(scores, torch.tensor([0, 1]), torch.tensor([True, True]))
@@ -88,7 +92,7 @@ def test_only_seen_images_reports_undefined_not_zero(fn):
     assert any("no unseen image" in w for w in r.warnings)
 
 
-@pytest.mark.parametrize("fn", [evaluate, evaluate_stream], ids=["dense", "stream"])
+@EVERY_PATH
 def test_one_image(fn):
     r = fn(torch.tensor([[1.0, 3.0]]), torch.tensor([1]), torch.tensor([True, False]))
     # one unseen image: gap = 1 - 3 = -2 -> b = -2.0001, just before it flips (3 - 2.0001 < 1)
@@ -96,7 +100,7 @@ def test_one_image(fn):
     assert math.isnan(r.best_seen) and r.best_unseen == 1.0
 
 
-@pytest.mark.parametrize("fn", [evaluate, evaluate_stream], ids=["dense", "stream"])
+@EVERY_PATH
 def test_ties_lowest_pair_index_wins(fn):
     # Both images tie between p0 and p1 (both seen) at every bias: the lower index (p0) wins.
     scores = torch.tensor([[2.0, 2.0, 0.0], [2.0, 2.0, 0.0], [0.0, 1.0, 5.0]])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from czsl_bench.evaluation import evaluate, evaluate_stream
+from czsl_bench.evaluation import evaluate, evaluate_dense, evaluate_stream
 from czsl_bench.evaluation.feasibility import (compute_feasibility, evaluate_open_world,
                                                mask_scores, open_world, threshold_grid)
 from czsl_bench.evaluation.metrics import _evaluate_dense, validate_inputs
@@ -34,12 +34,13 @@ def clip_like_problem(seed, n=300, n_attr=8, n_obj=9, seen_frac=0.5, signal=2.0,
     return scores, gt, seen, cand, pair_attr, pair_obj
 
 
+@pytest.mark.parametrize("fn", [evaluate_dense, evaluate], ids=["dense", "evaluate"])
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("topk", [1, 3])
-def test_matches_reference_protocol(seed, topk):
+def test_matches_reference_protocol(fn, seed, topk):
     s, gt, seen, cand, pa, po = clip_like_problem(seed)
     ref = reference_evaluate(s, gt, seen, cand, pa, po, topk=topk)
-    r = evaluate(s, gt, seen, cand, pa, po, topk=topk)
+    r = fn(s, gt, seen, cand, pa, po, topk=topk)
     for k in ("best_seen", "best_unseen", "best_hm", "auc") + (("attr_acc", "obj_acc") if topk == 1 else ()):
         assert getattr(r, k) == pytest.approx(ref[k], abs=1e-6), k
     assert r.bias == pytest.approx(ref["bias"], abs=1e-6)
@@ -64,16 +65,18 @@ def test_dense_equals_stream_exactly_ties_included(seed, n, topk, grid):
     pa, po = torch.arange(p) % 5, torch.arange(p) % 7
     if topk > int(cand.sum()):
         return
-    d = evaluate(s, gt, seen, cand, pa, po, topk=topk)
+    d = evaluate_dense(s, gt, seen, cand, pa, po, topk=topk)
+    results = {"evaluate": evaluate(s, gt, seen, cand, pa, po, topk=topk)}
     for margin, block in ((16, 5), (0, 3), (1, 100)):
         def blocks(block=block):
             for c0 in range(0, p, block):
                 yield c0, s[:, c0:c0 + block]
-        r = evaluate_stream(blocks, gt, seen, cand, pa, po, topk=topk, margin=margin)
+        results[f"margin {margin}"] = evaluate_stream(blocks, gt, seen, cand, pa, po, topk=topk, margin=margin)
+    for name, r in results.items():
         for k in KEYS + ("hm_seen", "hm_unseen", "bias"):
             a, b = getattr(d, k), getattr(r, k)
-            assert (a == b) or (a != a and b != b), (k, a, b, margin)
-        assert d.curve_seen == r.curve_seen and d.curve_unseen == r.curve_unseen
+            assert (a == b) or (a != a and b != b), (k, a, b, name)
+        assert d.curve_seen == r.curve_seen and d.curve_unseen == r.curve_unseen, name
 
 
 def test_one_shot_iterator_with_unresolvable_ties_is_refused():

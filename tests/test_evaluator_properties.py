@@ -4,9 +4,13 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from czsl_bench.evaluation import evaluate, evaluate_stream
+from czsl_bench.evaluation import evaluate, evaluate_dense, evaluate_stream
 
 KEYS = ("best_seen", "best_unseen", "best_hm", "auc", "attr_acc", "obj_acc")
+
+# the literal protocol, evaluate (a dense matrix through the streaming reducer), evaluate_stream
+EVERY_PATH = pytest.mark.parametrize("fn", [evaluate_dense, evaluate, evaluate_stream],
+                                     ids=["dense", "evaluate", "stream"])
 
 
 def problem(seed, n=80, p=30):
@@ -76,7 +80,7 @@ GT = torch.tensor([0, 1])
 SEEN = torch.tensor([True, False])
 
 
-@pytest.mark.parametrize("fn", [evaluate, evaluate_stream], ids=["dense", "stream"])
+@EVERY_PATH
 @pytest.mark.parametrize("kwargs, match", [
     (dict(gt_pair=torch.tensor([0, 1, 1])), "has shape"),
     (dict(gt_pair=torch.tensor([0, 2])), r"gt_pair\[1\] = 2 is out of range"),
@@ -96,7 +100,7 @@ def test_bad_arguments(fn, kwargs, match):
         fn(S, **args)
 
 
-@pytest.mark.parametrize("fn", [evaluate, evaluate_stream], ids=["dense", "stream"])
+@EVERY_PATH
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_scores(fn, bad):
     s = S.clone()

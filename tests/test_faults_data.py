@@ -282,3 +282,196 @@ def test_check_reports_a_symlinked_image_outside_the_root(small_ut, tmp_path):
         assert rel in finding.message and str(secret) in finding.message and "symlink" in finding.fix
     with pytest.raises(DatasetError, match="leave the dataset root"):
         DATASETS.get("ut-zappos").load(root, strict=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. every cached file is verified on read
+# ---------------------------------------------------------------------------------------------
+def test_a_flipped_byte_in_the_metadata_cache_is_caught_and_recomputed(toy, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CZSL_CACHE", str(tmp_path / "cache"))
+    clean = CZSLDataset.from_root(toy, name="toy")  # fills the cache
+    sizes = {s: len(clean.split(s)) for s in ("train", "val", "test")}
+    [cached] = (tmp_path / "cache" / "metadata").glob("*.json")
+    raw = cached.read_bytes()
+    assert b'"set": "val"' in raw
+    cached.write_bytes(raw.replace(b'"set": "val"', b'"set": "vam"', 1))  # the loader would put it in test
+    with caplog.at_level("WARNING"):
+        ds = CZSLDataset.from_root(toy, name="toy")
+    assert {s: len(ds.split(s)) for s in sizes} == sizes
+    assert ds.split("val").images == clean.split("val").images
+    assert "damaged (checksum mismatch)" in caplog.text and str(cached) in caplog.text
+    assert cached.read_bytes() == raw  # rewritten from the metadata file
+
+
+def test_a_damaged_web_corpus_cache_is_rendered_again(tmp_path, monkeypatch, caplog):
+    from czsl_bench.pretrain import PretrainConfig, _cached_web_corpus
+
+    monkeypatch.setenv("CZSL_CACHE", str(tmp_path / "cache"))
+    cfg = PretrainConfig(n_images=24, image_size=16)
+    images, captions, state = _cached_web_corpus(cfg, [])
+    assert state == "rendered"
+    [path] = (tmp_path / "cache" / "web").glob("*.npz")
+    assert _cached_web_corpus(cfg, [])[2] == "cache hit"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 3] ^= 0x01  # inside the image array
+    path.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING"):
+        again, again_captions, state = _cached_web_corpus(cfg, [])
+    assert state == "rendered" and "web corpus cache file" in caplog.text and "damaged" in caplog.text
+    assert (again == images).all() and again_captions == captions
+    assert _cached_web_corpus(cfg, [])[2] == "cache hit"
+
+
+SMALL = dict(size=1, image_size=16, workers=1)
+
+
+def _flip_byte(path: Path, offset: int | None = None) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2 if offset is None else offset] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def test_a_damaged_cached_synthetic_world_is_regenerated(tmp_path, monkeypatch, caplog):
+    from czsl_bench.datasets.synthetic import plugin
+
+    monkeypatch.setenv("CZSL_CACHE", str(tmp_path / "cache"))
+    clean = plugin.load(**SMALL)
+    root = clean.root
+    sizes = {s: len(clean.split(s)) for s in ("train", "val", "test")}
+    image = root / "images" / clean.split("test").images[0]
+    original = image.read_bytes()
+    _flip_byte(image)  # same size: the feature cache key (path, size) would not notice either
+    meta = root / METADATA
+    raw = meta.read_bytes()
+    value = b"X\x03\x00\x00\x00val"  # the pickled string "val" (memoized: every val record uses it)
+    assert value in raw
+    meta.write_bytes(raw.replace(value, value[:-1] + b"m", 1))  # still a valid pickle; val images move to test
+    with caplog.at_level("WARNING"):
+        ds = plugin.load(**SMALL)
+    assert "is damaged" in caplog.text and "checksum mismatch" in caplog.text
+    assert ds.root == root and image.read_bytes() == original
+    assert {s: len(ds.split(s)) for s in sizes} == sizes
+
+
+def test_a_damaged_synthetic_world_at_an_explicit_root_is_refused_in_one_line(tmp_path):
+    from czsl_bench.datasets.synthetic import plugin
+
+    root = tmp_path / "world"
+    ds = plugin.load(root, **SMALL)
+    _flip_byte(root / "images" / ds.split("train").images[3])
+    with pytest.raises(DatasetError) as info:
+        plugin.load(root, **SMALL)
+    message = one_line(info.value)
+    assert str(root) in message and ds.split("train").images[3] in message and "checksum mismatch" in message
+    assert "data check synthetic" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. a generation killed with kill -9 leaves a partial folder that the next one (and cache clear) removes
+# ---------------------------------------------------------------------------------------------
+def _killed_generation(cache_dir: Path, name: str) -> Path:
+    """Start a real generation in a child process, kill -9 it mid-way; returns its partial folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys; from czsl_bench.datasets.synthetic import generate, SyntheticConfig; "
+            "generate(sys.argv[1], SyntheticConfig(size=60, image_size=64, workers=1))")
+    child = subprocess.Popen([sys.executable, "-c", code, str(cache_dir / name)])
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            partial = next(iter(cache_dir.glob(f".{name}.tmp-*")), None)
+            if partial is not None and next(partial.glob("images/*/*.png"), None) is not None:
+                break
+            assert child.poll() is None, "the generation ended before it could be killed"
+            time.sleep(0.05)
+        else:
+            pytest.fail("the generation wrote no image within 180 s")
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert partial.is_dir() and not (cache_dir / name).exists()
+    return partial
+
+
+@pytest.mark.slow
+def test_the_next_generation_removes_a_killed_generations_partial_folder(tmp_path, monkeypatch):
+    from czsl_bench.datasets.synthetic import generate, SyntheticConfig
+
+    monkeypatch.setenv("CZSL_CACHE", str(tmp_path))
+    cache_dir = tmp_path / "synthetic"
+    cache_dir.mkdir()
+    partial = _killed_generation(cache_dir, "victim")
+    generate(cache_dir / "next", SyntheticConfig(**SMALL))
+    assert not partial.exists()
+    assert sorted(p.name for p in cache_dir.iterdir()) == ["next"]
+
+
+@pytest.mark.slow
+def test_cache_clear_removes_killed_partials_and_keeps_live_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("CZSL_CACHE", str(tmp_path))
+    cache_dir = tmp_path / "synthetic"
+    cache_dir.mkdir()
+    partial = _killed_generation(cache_dir, "victim")
+    result = CliRunner().invoke(cli, ["cache", "clear", "-y"])
+    assert result.exit_code == 0, result.output
+    assert not partial.exists()
+    assert "1 partial synthetic world folder(s)" in result.output and str(partial) in result.output
+    # a generation that is still running (its owner alive) is left alone
+    from czsl_bench.datasets.synthetic.store import write_owner
+
+    live = cache_dir / ".other.tmp-1-0123abcd"
+    live.mkdir()
+    write_owner(live)
+    result = CliRunner().invoke(cli, ["cache", "clear", "-y"])
+    assert result.exit_code == 0 and live.is_dir() and "partial" not in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. `data check synthetic` checks the generated world like a real dataset
+# ---------------------------------------------------------------------------------------------
+def test_data_check_synthetic_verifies_files_counts_checksums_and_version(tmp_path, monkeypatch):
+    import json
+
+    from czsl_bench.datasets.synthetic import plugin
+
+    root = tmp_path / "world"
+    ds = plugin.load(root, **SMALL)
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["data", "check", "synthetic", "--root", str(root)])
+    assert ok.exit_code == 0, ok.output
+    assert "synthetic: usable (0 error(s), 0 warning(s))" in ok.output
+    assert "train_images" in ok.output and "images/ (" in ok.output and "match" in ok.output
+
+    rel = ds.split("val").images[0]
+    _flip_byte(root / "images" / rel, offset=-3)  # past the header: only the checksum notices
+    (root / "images" / ds.split("test").images[1]).unlink()
+    bad = runner.invoke(cli, ["data", "check", "synthetic", "--root", str(root), "--json"])
+    assert bad.exit_code == 1
+    report = json.loads(bad.output)
+    errors = [f["message"] for f in report["findings"] if f["level"] == "error"]
+    assert any("2 file(s) of the world" in e for e in errors), errors
+    assert any("split images are missing" in e for e in errors), errors
+    details = [d for f in report["findings"] for d in f["details"]]
+    assert f"images/{rel}: checksum mismatch" in details
+    assert {"file": "images/ (" + f"{len(ds.all_images()):,} files)", "status": "2 DIFFER"} in report["checksums"]
+
+
+def test_data_check_synthetic_reports_another_generator_version(tmp_path):
+    import json
+
+    from czsl_bench.datasets.synthetic import plugin
+    from czsl_bench.datasets.synthetic.store import doc_checksum
+
+    root = tmp_path / "world"
+    plugin.load(root, **SMALL)
+    info = json.loads((root / "world.json").read_text())
+    info["generator_version"] = "0.9.0"
+    info["checksum"] = doc_checksum(info)
+    (root / "world.json").write_text(json.dumps(info))
+    strict = plugin.check(root)
+    assert not strict.usable
+    assert any("generated by synthetic generator 0.9.0" in f.message for f in strict.errors())
+    assert plugin.check(root, strict=False).usable

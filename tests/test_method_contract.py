@@ -83,7 +83,7 @@ def test_every_registered_method_satisfies_the_contract_for_every_recipe(name):
 
 
 def test_the_contract_test_covers_the_built_in_methods():
-    assert {"clip", "coop", "csp", "troika", "cluspro", "cluspro-base"} <= set(METHODS.names())
+    assert {"clip", "coop", "csp", "troika", "cluspro", "cluspro-base", "vpcmjl", "cams"} <= set(METHODS.names())
 
 
 # -- default hooks ----------------------------------------------------------------------------

@@ -323,7 +323,7 @@ def test_round_trip_property(values, bias, seed):
 
 # -- published rows ---------------------------------------------------------------------------------
 
-PAPER_METHODS = {"clip", "coop", "csp", "plid", "troika", "cluspro"}
+PAPER_METHODS = {"clip", "coop", "csp", "plid", "troika", "cluspro", "vpcmjl", "cams"}
 PAPER_DATASETS = {"mit-states", "ut-zappos", "cgqa"}
 
 
@@ -332,7 +332,7 @@ def test_reported_rows_cover_every_method_dataset_and_setting():
             if r.variant is None]
     keys = {(r.method, r.dataset, r.setting) for r in rows}
     assert keys == {(m, d, s) for m in PAPER_METHODS for d in PAPER_DATASETS for s in ("closed", "open")}
-    assert len(rows) == len(keys) == 36
+    assert len(rows) == len(keys) == 48
     for r in rows:
         assert r.source == "paper" and r.seed is None and r.citation
         assert r.provenance.get("*", "").startswith("spec-"), r.describe()
@@ -360,6 +360,13 @@ def test_reported_rows_are_internally_consistent():
     ("plid", "mit-states", "open", (49.1, 18.7, 20.0, 7.3), None),  # 20.0: the paper table, not 20.4
     ("clip", "cgqa", "open", (7.5, 4.6, 4.0, 0.27), None),  # spec-baselines.md §5 keeps two decimals
     ("coop", "ut-zappos", "closed", (52.1, 49.3, 34.6, 18.8), None),
+    # spec-vpcmjl.md §6 (source columns C-GQA, UT-Zappos, MIT-States) and spec-cams.md §6
+    ("vpcmjl", "ut-zappos", "closed", (71.9, 76.3, 58.5, 47.9), None),
+    ("vpcmjl", "cgqa", "open", (46.0, 11.5, 15.5, 4.6), None),
+    ("vpcmjl", "mit-states", "open", (51.8, 19.9, 22.0, 8.3), None),
+    ("cams", "mit-states", "closed", (53.0, 54.3, 41.0, 24.2), None),
+    ("cams", "cgqa", "closed", (46.7, 42.1, 36.4, 17.4), None),
+    ("cams", "ut-zappos", "open", (71.2, 66.4, 54.5, 40.3), None),
 ])
 def test_reported_rows_match_the_spec_tables(method, dataset, setting, expected, std):
     r = read_record(REPORTED / f"{method}__{dataset}__{setting}.json")

@@ -148,11 +148,16 @@ def test_with_reported_adds_paper_rows_after_each_method():
 
 
 def test_paper_rows_only_render_the_published_closed_table():
-    table = build_table(load_records(REPORTED), "closed", with_reported=True)
+    table = build_table(load_records(REPORTED), "closed", with_reported=True,
+                        methods=["clip", "coop", "csp", "plid", "troika", "cluspro"])
     text = to_markdown(table)
     assert text.splitlines()[2].startswith("| CLIP (paper)")
-    # ClusPro holds the best value of every column of its Table 1
+    # ClusPro holds the best value of every column of its Table 1 (the methods that table compares)
+    assert text.splitlines()[-1].startswith("| ClusPro (paper)")
     assert text.splitlines()[-1].count("**") == 2 * 12
+    # the 2025 rows (VP-CMJL, CAMS) join the full table and take some of those bests
+    everything = to_markdown(build_table(load_records(REPORTED), "closed", with_reported=True))
+    assert "| CAMS (paper)" in everything and "| VP-CMJL (paper)" in everything
 
 
 def test_csv_is_tidy_numbers():

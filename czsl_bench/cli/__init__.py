@@ -15,6 +15,7 @@ import click
 # name -> "module:attribute"; add a sub-command by adding a line here and a module beside this file.
 SUBCOMMANDS: dict[str, str] = {
     "evaluate": "czsl_bench.cli.evaluate:evaluate",
+    "explain": "czsl_bench.cli.explain:explain",
     "cache": "czsl_bench.cli.cache:cache",
     "data": "czsl_bench.cli.data:data",
     "info": "czsl_bench.cli.info:info",
@@ -24,6 +25,8 @@ SUBCOMMANDS: dict[str, str] = {
     "ablate": "czsl_bench.cli.ablate:ablate",
     "run": "czsl_bench.cli.run:run",
     "records": "czsl_bench.cli.records:records",
+    "text": "czsl_bench.cli.text:text",
+    "jobs": "czsl_bench.cli.jobs:jobs",
 }
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import click
 
+from czsl_bench.cli.executor import check_executor_options, executor_options, slurm_settings
+
 
 def _split_seed(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
     from czsl_bench import api
@@ -44,8 +46,9 @@ def _split_seed(ctx: click.Context, param: click.Parameter, value: str) -> list[
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Root of the datasets.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Feature cache folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@executor_options
 def ablate(method, dataset, seed, only, setting, backbone, pretrained, overrides, results_dir, plot_path,
-           fmt, device, data_root, cache_dir, quiet):
+           fmt, device, data_root, cache_dir, quiet, executor, **slurm):
     """Run METHOD's ablation grid on one dataset and seeds; print the table, write the plot.
 
     \b
@@ -53,6 +56,7 @@ def ablate(method, dataset, seed, only, setting, backbone, pretrained, overrides
       czsl-bench ablate cluspro --dataset synthetic --seed 0,1,2
       czsl-bench ablate cluspro --dataset ut-zappos --only full,base,no-pcl,no-pdl
       czsl-bench table --ablation cluspro --format latex     # the table again, from the records
+      czsl-bench ablate cluspro --dataset ut-zappos --executor slurm --gpus 1   # one array task per point x seed
     """
     from czsl_bench.ablation import ablation_grid, run_ablation
     from czsl_bench.cli.progress import RichProgress
@@ -66,6 +70,11 @@ def ablate(method, dataset, seed, only, setting, backbone, pretrained, overrides
     except (RegistryError, ConfigError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     trained = [p for p in points if p.runs_as == p.name]
+    check_executor_options(executor, slurm)
+    if executor == "slurm":
+        _submit(method, dataset, seed, setting, trained, overrides, results_dir, backbone, pretrained, device,
+                data_root, cache_dir, slurm)
+        return
     started = time.perf_counter()
     with RichProgress(enabled=not quiet) as progress:
         with progress.task("ablation runs", total=len(trained) * len(seed)) as overall:
@@ -96,3 +105,26 @@ def ablate(method, dataset, seed, only, setting, backbone, pretrained, overrides
         click.echo(f"wrote {result.plot}", err=True)
     if result.failed:
         sys.exit(1)
+
+
+def _submit(method, dataset, seed, setting, trained, overrides, results_dir, backbone, pretrained, device,
+            data_root, cache_dir, slurm) -> None:
+    """One array task per (distinct configuration, seed) still missing its record; the table and
+    plot come afterwards from the records (`czsl-bench ablate` again skips every finished run)."""
+    from czsl_bench import api
+    from czsl_bench.cli.executor import slurm_config, submit_sweep
+
+    cfg = slurm_config(**slurm_settings(slurm))
+    base = dict(backbone=backbone, pretrained=pretrained, overrides=list(overrides), results_dir=results_dir,
+                device=device, data_root=data_root, cache_dir=cache_dir)
+    plans, loaded = [], {}
+    for point in trained:
+        specs, missing = api.plan(point.method, dataset, seed, setting, data_root)
+        for name, how in missing.items():
+            raise click.ClickException(f"dataset {name} is not on disk; {how}")
+        for plan in api.identify(specs, api.RunOptions(**base, ablation=point.ablation), loaded):
+            plans.append((plan, point.ablation, point.name if point.name != point.method else point.method))
+    submit_sweep(plans, api.RunOptions(**base), cfg, "ablate", slurm["dry_run"])
+    click.echo(f"when it has ended: czsl-bench ablate {method} --dataset {dataset} --seed "
+               f"{','.join(map(str, seed))}{''.join(f' --set {o}' for o in overrides)} --results-dir {results_dir}   (tables and plot; finished runs are skipped)",
+               err=True)

@@ -21,7 +21,8 @@ def _plugin(name: str):
 
 def _require(plugin, op: str, name: str) -> None:
     if not callable(getattr(plugin, op, None)):
-        raise click.ClickException(f"dataset {name!r} does not support `data {op}` (it needs no files on disk)")
+        raise click.ClickException(f"dataset {name!r} does not support `data {op}`; `czsl-bench data info {name}` "
+                                   "says how to obtain it")
 
 
 def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:

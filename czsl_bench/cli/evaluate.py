@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from czsl_bench.cli.params import FINITE_FLOAT
+
 REQUIRED = ("scores", "gt_pair", "seen_mask")
 OPTIONAL = ("candidate_mask", "pair_attr", "pair_obj")
 
@@ -36,12 +38,24 @@ def _load_tensors(path: Path) -> dict:
     return obj
 
 
+def _tensors_only(data: dict, path: Path, keys: tuple[str, ...]) -> None:
+    # torch.load(weights_only=True) also returns strings, lists and numbers; the evaluator would
+    # then fail with a TypeError deep inside torch, or read a list of strings as nothing useful
+    import torch
+
+    for key in keys:
+        value = data.get(key)
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise click.ClickException(f"{path}: {key!r} is a {type(value).__name__}, not a tensor; save "
+                                       f"every entry as a torch tensor (e.g. torch.tensor(values))")
+
+
 @click.command()
 @click.argument("scores_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--topk", default=1, show_default=True, help="An image is correct when its pair is in the top-k.")
 @click.option("--feasibility", "feasibility_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Open world: a file with a 'feasibility' vector (one value per pair column).")
-@click.option("--threshold", type=float, help="Open world: the feasibility threshold (required with --feasibility).")
+@click.option("--threshold", type=FINITE_FLOAT, help="Open world: the feasibility threshold (required with --feasibility).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 def evaluate(scores_file: Path, topk: int, feasibility_file: Path | None, threshold: float | None,
              as_json: bool) -> None:
@@ -59,13 +73,16 @@ def evaluate(scores_file: Path, topk: int, feasibility_file: Path | None, thresh
     if missing:
         raise click.ClickException(f"{scores_file}: missing key(s) {', '.join(missing)}; "
                                    f"expected {', '.join(REQUIRED)} (+ optional {', '.join(OPTIONAL)})")
+    _tensors_only(data, scores_file, REQUIRED + OPTIONAL)
     kw = {k: data.get(k) for k in OPTIONAL}
     if feasibility_file is not None:
         if threshold is None:
             raise click.UsageError("--feasibility needs --threshold (choose it on validation)")
-        feas = _load_tensors(feasibility_file).get("feasibility")
+        feas_data = _load_tensors(feasibility_file)
+        feas = feas_data.get("feasibility")
         if feas is None:
             raise click.ClickException(f"{feasibility_file}: no 'feasibility' key")
+        _tensors_only(feas_data, feasibility_file, ("feasibility",))
         result = evaluate_open_world(data["scores"], data["gt_pair"], data["seen_mask"], feas, threshold,
                                      kw["pair_attr"], kw["pair_obj"], topk)
     else:

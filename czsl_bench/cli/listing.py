@@ -38,12 +38,15 @@ def backbone_rows(show_all: bool = False) -> list[dict[str, str]]:
     from czsl_bench.registry import DATASETS
 
     rows = []
+    # not open_clip.list_models(): once any backbone was loaded in this process the packaged
+    # configs are registered with open_clip, and the embedded backbone would vanish from the list
+    published = set(open_clip.list_pretrained())
     for dataset in DATASETS.names():
         try:
             arch, tag = dataset_plugin(dataset).default_backbone
         except Exception:  # noqa: BLE001 - a broken plugin shows in `list datasets`
             continue
-        if arch not in open_clip.list_models():
+        if (arch, tag) not in published:
             rows.append({"name": arch, "pretrained": tag or "none", "note": f"embedded, default for dataset {dataset!r}"})
     for arch, tag in open_clip.list_pretrained():
         if show_all or arch in RELEVANT_ARCHS:

@@ -12,17 +12,8 @@ import time
 
 import click
 
-
-def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
-    if value == "auto":
-        return None
-    try:
-        workers = int(value)
-    except ValueError:
-        workers = -1
-    if workers < 0:
-        raise click.BadParameter(f"{value!r} is not a worker count; pass 0, 1, 2, ... or auto", ctx=ctx, param=param)
-    return workers
+from czsl_bench.cli.params import FINITE_FLOAT
+from czsl_bench.cli.executor import check_executor_options, executor_options, slurm_settings
 
 
 def _split_seed(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
@@ -57,18 +48,16 @@ def _split_seed(ctx: click.Context, param: click.Parameter, value: str) -> list[
 @click.option("--resume", is_flag=True, help="Continue training from the last epoch checkpoint.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--deterministic", is_flag=True, help="Deterministic torch kernels (slower on GPU).")
-@click.option("--threshold", type=float, default=None,
+@click.option("--threshold", type=FINITE_FLOAT, default=None,
               help="Open world: use this feasibility threshold instead of searching it on val.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help="Dataset root (default: $CZSL_DATA/<name> or the dataset's cache).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Feature cache folder.")
-@click.option("--workers", default="auto", callback=_workers, metavar="N|auto",
-              help="DataLoader worker processes for decoding and batching images (0 = the main "
-                   "process); auto fits the machine's cores (docs/methods.md, 'Input pipeline').")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@executor_options
 def run(methods, dataset, seed, setting, backbone, pretrained, overrides, config_file, ablation,
         results_dir, skip_existing, resume, device, deterministic, threshold, data_root, cache_dir,
-        workers, quiet):
+        quiet, executor, **slurm):
     """Run METHOD(s) on datasets and seeds; write one record per run and setting.
 
     \b
@@ -76,6 +65,7 @@ def run(methods, dataset, seed, setting, backbone, pretrained, overrides, config
       czsl-bench run clip,coop,csp --dataset synthetic --seed 0,1,2
       czsl-bench run csp --dataset mit-states --setting both --set lr=5e-5
       czsl-bench run csp --dataset all --skip-existing
+      czsl-bench run clip,csp --dataset all --seed 0-4 --executor slurm --partition gpu --gpus 1 --time 2:00:00
     """
     from czsl_bench import api
     from czsl_bench.config import ConfigError
@@ -91,16 +81,25 @@ def run(methods, dataset, seed, setting, backbone, pretrained, overrides, config
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
 
+    check_executor_options(executor, slurm)
     for name, how in missing.items():
         click.echo(f"skipping dataset {name}: not on disk; {how}", err=True)
-
-    from czsl_bench.cli.progress import RichProgress
 
     opts = api.RunOptions(backbone=backbone, pretrained=pretrained, overrides=list(overrides),
                           config_file=config_file, ablation=ablation, results_dir=results_dir,
                           skip_existing=skip_existing, resume=resume, device=device,
                           deterministic=deterministic, threshold=threshold, data_root=data_root,
-                          cache_dir=cache_dir, num_workers=workers)
+                          cache_dir=cache_dir)
+    if executor == "slurm":
+        from czsl_bench.cli.executor import slurm_config, submit_sweep
+
+        cfg = slurm_config(**slurm_settings(slurm))
+        plans = api.identify(specs, opts)
+        submit_sweep([(p, ablation, p.spec.method) for p in plans], opts, cfg, "run", slurm["dry_run"])
+        return
+
+    from czsl_bench.cli.progress import RichProgress
+
     failed = 0
     started = time.perf_counter()
     with RichProgress(enabled=not quiet) as progress:

@@ -65,6 +65,7 @@ def table(fmt: str, setting: str, split: str, datasets: tuple[str, ...], methods
       czsl-bench table --with-reference                       # this machine's runs beside them
     """
     from czsl_bench.records import RESERVED_NAMES, atomic_write_text, load_records
+    from czsl_bench.sweep import expected_seeds
     from czsl_bench.tables import build_table, render, split_by_backbone
 
     dataset_list, method_list = _names(datasets), _names(methods)
@@ -75,6 +76,8 @@ def table(fmt: str, setting: str, split: str, datasets: tuple[str, ...], methods
         click.echo(f"Warning: skipping {path}: {reason}", err=True)
 
     records = load_records(results_dir, exclude=RESERVED_NAMES, on_error=warn)
+    # sweeps under results_dir say which seeds are still to come: those cells are marked partial
+    expected = expected_seeds(results_dir)
     papers = []
     if with_reported:
         papers = [r for r in load_records(reported_dir or results_dir / "reported", on_error=warn)
@@ -93,13 +96,17 @@ def table(fmt: str, setting: str, split: str, datasets: tuple[str, ...], methods
             result = build_table([r for r in recs if id(r) not in ref_ids], setting, split=split,
                                  datasets=dataset_list, methods=method_list, with_reported=with_reported,
                                  reference=[r for r in recs if id(r) in ref_ids],
-                                 backbone_in_label=None if by_backbone == "column" else False)
+                                 backbone_in_label=None if by_backbone == "column" else False,
+                                 expected=expected)
             if not result.empty and len(groups) > 1:
                 result.title = f"backbone {label}: {result.title}"
             tables.append(result)
     tables = [t for t in tables if not t.empty]
     if not tables:
-        raise click.ClickException(_nothing_found(results_dir, setting, split, dataset_list, method_list, ablation))
+        message = _nothing_found(results_dir, setting, split, dataset_list, method_list, ablation)
+        if expected:
+            message += f"; a sweep under {results_dir}/.sweeps has cells to come (czsl-bench jobs)"
+        raise click.ClickException(message)
     parts = []
     for result in tables:
         heading = f"{result.title}\n\n" if len(tables) > 1 and fmt == "markdown" else ""

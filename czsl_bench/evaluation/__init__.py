@@ -7,10 +7,10 @@
 See docs/evaluation.md for the protocol, its version string and the tie policy.
 """
 
-from .metrics import PROTOCOL_VERSION, EvalResult, evaluate, evaluate_split
+from .metrics import PROTOCOL_VERSION, EvalResult, evaluate, evaluate_dense, evaluate_split
 from .streaming import StreamingReducer, dense_blocks, evaluate_stream
 
 __all__ = [
-    "PROTOCOL_VERSION", "EvalResult", "evaluate", "evaluate_split", "evaluate_stream",
+    "PROTOCOL_VERSION", "EvalResult", "evaluate", "evaluate_dense", "evaluate_split", "evaluate_stream",
     "StreamingReducer", "dense_blocks",
 ]

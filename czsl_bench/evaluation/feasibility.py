@@ -18,6 +18,8 @@ no threshold gives a positive AUC), then applied once to test.
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Sequence
@@ -25,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .metrics import EvalResult
+from .metrics import EvalResult, vector_length
 from .streaming import OPEN_WORLD_FALLBACK_THRESHOLD, BlockSource, StreamingReducer
 
 N_THRESHOLDS = 50
@@ -118,8 +120,9 @@ def search_threshold(val_scores: BlockSource, val_gt, seen_mask, feasibility, pa
                      margin: int = 4) -> OpenWorldResult:
     """Pick the feasibility threshold on validation with one pass over the scores."""
     grid = threshold_grid(feasibility, seen_mask, n_thresholds)
-    n_pairs = len(torch.as_tensor(seen_mask))
-    red = StreamingReducer(len(val_gt), n_pairs, val_gt, seen_mask, None, pair_attr, pair_obj,
+    n_pairs = vector_length(seen_mask, "seen_mask")
+    n_images = vector_length(val_gt, "val_gt")
+    red = StreamingReducer(n_images, n_pairs, val_gt, seen_mask, None, pair_attr, pair_obj,
                            topk, feasibility=feasibility, thresholds=grid, margin=margin)
     red.consume(val_scores)
     best_auc, best_j, aucs, results = 0.0, -1, [], {}
@@ -140,9 +143,13 @@ def search_threshold(val_scores: BlockSource, val_gt, seen_mask, feasibility, pa
 def evaluate_open_world(test_scores: BlockSource, test_gt, seen_mask, feasibility, threshold: float,
                         pair_attr=None, pair_obj=None, topk: int = 1, margin: int = 4) -> EvalResult:
     """Open-world metrics with the feasibility mask at ``threshold`` (candidates: every pair)."""
-    n_pairs = len(torch.as_tensor(seen_mask))
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
+        raise ValueError(f"threshold {threshold!r} is not a finite number; pick it on validation "
+                         "(search_threshold) and pass that value")
+    n_pairs = vector_length(seen_mask, "seen_mask")
     fallback = threshold == OPEN_WORLD_FALLBACK_THRESHOLD
-    red = StreamingReducer(len(test_gt), n_pairs, test_gt, seen_mask, None, pair_attr, pair_obj, topk,
+    n_images = vector_length(test_gt, "gt_pair")
+    red = StreamingReducer(n_images, n_pairs, test_gt, seen_mask, None, pair_attr, pair_obj, topk,
                            feasibility=feasibility, thresholds=[] if fallback else [threshold],
                            margin=margin, track_all_feasible=fallback)
     red.consume(test_scores)

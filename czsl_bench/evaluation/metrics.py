@@ -73,23 +73,58 @@ class EvalResult:
 # ---------------------------------------------------------------------------------------------
 # input validation: every message names the argument, what is wrong and how to fix it
 # ---------------------------------------------------------------------------------------------
+def as_numeric(x: Any, name: str) -> torch.Tensor:
+    """``x`` as a tensor, or a one-line ``ValueError`` naming ``name`` (strings, ragged lists and
+    object arrays make torch raise TypeErrors that say nothing about which argument)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (str, bytes)):
+        raise ValueError(f"{name} is a {type(x).__name__}, not an array; pass a tensor or NumPy array")
+    try:
+        return torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{name} cannot be read as a numeric array ({first}); pass a tensor or "
+                         "NumPy array of numbers") from None
+
+
+def real_values(x: Any, name: str) -> torch.Tensor:
+    """:func:`as_numeric`, refusing complex and boolean values: converting those to float32 would
+    silently drop the imaginary part or turn a mask into scores."""
+    t = as_numeric(x, name)
+    if t.is_complex():
+        raise ValueError(f"{name} are complex ({t.dtype}); pass real values (larger = better), e.g. "
+                         "the real part or the magnitude, whichever the method means")
+    if t.dtype == torch.bool:
+        raise ValueError(f"{name} are boolean; pass real values (larger = better)")
+    return t
+
+
+def vector_length(x: Any, name: str) -> int:
+    """The length of a 1-D argument (``len()`` of a 0-d tensor or an int raises a bare TypeError)."""
+    t = as_numeric(x, name)
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D vector; got shape {tuple(t.shape)}")
+    return t.shape[0]
+
+
 def _as_bool_vector(x: Any, name: str, n: int) -> torch.Tensor:
-    t = torch.as_tensor(x)
+    t = as_numeric(x, name)
     if t.dim() != 1 or t.shape[0] != n:
         raise ValueError(f"{name} has shape {tuple(t.shape)} but scores have {n} pair columns; "
                          f"pass one entry per pair")
     if t.dtype != torch.bool:
-        if t.is_floating_point() or not ((t == 0) | (t == 1)).all():
+        if t.is_floating_point() or t.is_complex() or not ((t == 0) | (t == 1)).all():
             raise ValueError(f"{name} must be boolean (or 0/1) with one entry per pair; got {t.dtype}")
         t = t.bool()
     return t.cpu()
 
 
 def _as_index_vector(x: Any, name: str, n: int, upper: int | None, what: str) -> torch.Tensor:
-    t = torch.as_tensor(x)
+    t = as_numeric(x, name)
     if t.dim() != 1 or t.shape[0] != n:
         raise ValueError(f"{name} has shape {tuple(t.shape)} but {n} entries are needed; pass one {what}")
-    if t.is_floating_point() or t.dtype == torch.bool:
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise ValueError(f"{name} must hold integer indices; got {t.dtype}")
     t = t.long().cpu()
     if n and upper is not None and (int(t.min()) < 0 or int(t.max()) >= upper):
@@ -147,14 +182,17 @@ def validate_inputs(n_images: int, n_pairs: int, gt_pair, seen_mask, candidate_m
 
 
 def check_scores(scores: Any) -> torch.Tensor:
-    """Validate a dense score matrix and return it as a float32 CPU tensor."""
-    s = torch.as_tensor(scores)
+    """Validate a dense score matrix and return it as a float32 CPU tensor.
+
+    Cheap: a dtype and shape check, a conversion only when the input is not float32 on the CPU
+    already, and one sum for finiteness (the culprit is located only when that sum is not finite).
+    """
+    s = real_values(scores, "scores")
     if s.dim() != 2:
         raise ValueError(f"scores must be a 2-D [images, pairs] matrix; got shape {tuple(s.shape)}")
-    if not s.is_floating_point():
-        s = s.float()
     s = s.detach().to("cpu", torch.float32)
-    check_finite(s, "scores")
+    if not torch.isfinite(s.sum()):  # a finite sum means every entry is finite
+        check_finite(s, "scores")
     return s
 
 
@@ -263,7 +301,22 @@ def evaluate(scores, gt_pair, seen_mask, candidate_mask=None, pair_attr=None, pa
         pair_attr, pair_obj: ``[P]`` attribute / object index of each pair; needed for
             ``attr_acc`` / ``obj_acc`` (None otherwise).
         topk: an image is correct when its pair is among the top-k predictions.
+
+    The matrix goes through the streaming reducer (:mod:`.streaming`): the same numbers as
+    :func:`evaluate_dense`, exactly (ties included), without rescoring the matrix per bias value.
     """
+    from .streaming import StreamingReducer  # streaming builds on this module
+
+    s = check_scores(scores)
+    reducer = StreamingReducer(s.shape[0], s.shape[1], gt_pair, seen_mask, candidate_mask,
+                               pair_attr, pair_obj, topk)
+    return reducer.consume(s).evaluate()
+
+
+def evaluate_dense(scores, gt_pair, seen_mask, candidate_mask=None, pair_attr=None, pair_obj=None,
+                   topk: int = 1) -> EvalResult:
+    """:func:`evaluate` by the protocol written out directly: biased copies of the matrix, one
+    top-k per bias value. Slower; the reference the streaming path is tested against."""
     s = check_scores(scores)
     inp = validate_inputs(s.shape[0], s.shape[1], gt_pair, seen_mask, candidate_mask,
                           pair_attr, pair_obj, topk)

@@ -18,6 +18,7 @@ dense one exactly, also on tie-heavy scores.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Union
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from .metrics import (MAX_BIAS, EvalResult, _Inputs, _matches, _mean, bias_list, check_finite,
-                      finish, validate_inputs)
+                      finish, real_values, validate_inputs, vector_length)
 
 Blocks = Iterable[tuple[int, torch.Tensor]]
 BlockSource = Union[torch.Tensor, Callable[[], Blocks], Blocks]
@@ -126,7 +127,7 @@ class StreamingReducer:
         self.masking = feasibility is not None
         self.track_all_feasible = track_all_feasible
         if self.masking:
-            feas = torch.as_tensor(feasibility, dtype=torch.float32).cpu()
+            feas = real_values(feasibility, "feasibility").detach().to("cpu", torch.float32)
             if feas.shape != (n_pairs,):
                 raise ValueError(f"feasibility has shape {tuple(feas.shape)} but there are {n_pairs} "
                                  "pairs; pass one score per pair (open-world pair order)")
@@ -169,7 +170,7 @@ class StreamingReducer:
 
     # -- the pass ------------------------------------------------------------------------------
     def update(self, col_start: int, block: torch.Tensor) -> None:
-        block = torch.as_tensor(block)
+        block = real_values(block, f"the scores (block at column {col_start})")
         if block.dim() != 2 or block.shape[0] != self.n_images:
             raise ValueError(f"score block at column {col_start} has shape {tuple(block.shape)}; "
                              f"expected [{self.n_images}, b] (one row per image)")
@@ -234,9 +235,19 @@ class StreamingReducer:
         g.vals[rows], g.idx[rows] = v, i
 
     def consume(self, source: BlockSource) -> "StreamingReducer":
+        if isinstance(source, (str, bytes)):
+            raise ValueError(f"scores is a {type(source).__name__}; pass a tensor, column blocks or a "
+                             "callable returning them")
         self.source = source
-        for c0, block in _iterate(source):
-            self.update(c0, block)
+        for item in _iterate(source):
+            try:
+                c0, block = item
+            except (TypeError, ValueError):
+                c0 = None
+            if isinstance(c0, bool) or not isinstance(c0, numbers.Integral):
+                raise ValueError("score blocks must be (col_start, [N, b] tensor) pairs with an integer "
+                                 f"col_start; got {type(item).__name__} {str(item)[:40]}")
+            self.update(int(c0), block)
         if self._next_col != self.n_pairs:
             raise ValueError(f"score blocks covered {self._next_col} of {self.n_pairs} pair columns; "
                              "stream every column")
@@ -412,8 +423,9 @@ def evaluate_stream(blocks: BlockSource, gt_pair, seen_mask, candidate_mask=None
     resolved exactly by re-reading a few rows). ``n_pairs`` defaults to ``len(seen_mask)``.
     """
     if n_pairs is None:
-        n_pairs = blocks.shape[1] if isinstance(blocks, torch.Tensor) and blocks.dim() == 2 else len(seen_mask)
-    n_images = len(gt_pair)
+        n_pairs = blocks.shape[1] if isinstance(blocks, torch.Tensor) and blocks.dim() == 2 \
+            else vector_length(seen_mask, "seen_mask")
+    n_images = vector_length(gt_pair, "gt_pair")
     red = StreamingReducer(n_images, n_pairs, gt_pair, seen_mask, candidate_mask, pair_attr,
                            pair_obj, topk, margin=margin)
     return red.consume(blocks).evaluate()

@@ -13,11 +13,10 @@ feasible compositions, rendered procedurally (numpy + PIL) and written in the st
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..plugin import DatasetPlugin
 from .generate import (SIZES, SyntheticConfig, default_cache_dir, ensure_world, generate, image_plan,
@@ -27,7 +26,9 @@ from .text import describe, descriptions, noisy_caption
 from .world import DEFAULT_WORLD, GENERATOR_VERSION, WEB_CORPUS_VERSION, WEB_RARE_WORDS, World
 
 if TYPE_CHECKING:
+    from ..check import CheckReport
     from ..czsl_format import CZSLDataset
+    from ..prepare import PrepareReport
 
 __all__ = [
     "DEFAULT_WORLD", "ENV_OVERRIDES", "GENERATOR_VERSION", "WEB_CORPUS_VERSION", "WEB_RARE_WORDS", "SIZES", "PairSplit", "SyntheticConfig", "SyntheticPlugin", "World",
@@ -94,7 +95,8 @@ class SyntheticPlugin(DatasetPlugin):
         from ..czsl_format import CZSLDataset
 
         config = replace(config or config_from_env(), **overrides)
-        root = ensure_world(self.resolve_root(root, config), config)
+        # root=None tells ensure_world the folder is the cache's, so a damaged world is regenerated
+        root = ensure_world(Path(root).expanduser() if root else None, config)
         return CZSLDataset.from_root(root, name=self.name)
 
     def is_available(self, root: str | os.PathLike | None = None) -> bool:
@@ -105,9 +107,39 @@ class SyntheticPlugin(DatasetPlugin):
         return ("the synthetic world is generated on first use; pass a new or empty --root, or one that "
                 "already holds a world (it has a world.json)")
 
+    def check(self, root: str | os.PathLike | None = None, images: str = "header", strict: bool = True,
+              config: SyntheticConfig | None = None) -> CheckReport:
+        """``data check`` of the generated world: files against its checksums, counts against its
+        world.json, generator version, plus every check a real dataset gets; never raises for bad data."""
+        from .check import check_world
+
+        return check_world(self.name, self.resolve_root(root, config), images=images, strict=strict)
+
+    def prepare(self, root: str | os.PathLike | None = None, config: SyntheticConfig | None = None,
+                strict: bool = True, log: Callable[[str], None] = print, urls: dict | None = None,
+                sha256: dict | None = None, **_: Any) -> PrepareReport:
+        """Generate the world now (``data prepare synthetic``); a damaged cached world is regenerated."""
+        from ..prepare import PrepareReport
+
+        if urls or sha256:
+            raise ValueError("the synthetic world is generated, not downloaded: --url and --sha256 do not apply")
+        config = config or config_from_env()
+        target = ensure_world(Path(root).expanduser() if root else None, config)
+        log(f"synthetic: world {config.hash()} ready at {target}")
+        report = PrepareReport(self.name, target)
+        report.check = self.check(target, images="exists", strict=strict)
+        return report
+
     def world_info(self, root: str | os.PathLike) -> dict:
-        """The ``world.json`` of a generated world (config, feasibility, split pairs, counts)."""
-        return json.loads((Path(root) / "world.json").read_text())
+        """The ``world.json`` of a generated world (config, feasibility, split pairs, counts), verified."""
+        from ..czsl_format import DatasetError
+        from .store import read_world_json
+
+        info, problem = read_world_json(Path(root))
+        if info is None:
+            raise DatasetError(f"synthetic: {Path(root) / 'world.json'} is {problem}; run `czsl-bench data check "
+                               f"synthetic --root {root}`, or delete the folder to generate the world again")
+        return info
 
     def info(self) -> dict[str, Any]:
         """Name, vocabulary sizes and default cache location (JSON-friendly)."""

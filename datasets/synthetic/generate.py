@@ -6,6 +6,7 @@ Layout written (docs/datasets.md, the same the MIT-States loader reads)::
     <root>/compositional-split-natural/{train,val,test}_pairs.txt
     <root>/metadata_compositional-split-natural.t7   # list of {image, attr, obj, set} dicts
     <root>/descriptions.json                          # {"attr obj": [sentences]}
+    <root>/checksums.sha256                           # sha256 of every file above (sha256sum -c)
     <root>/world.json                                 # config, seed, families, feasibility, counts
 
 Every image is a pure function of (generator version, seed, split, index), so the output does not
@@ -15,7 +16,9 @@ depend on the number of worker processes.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -28,8 +31,12 @@ from PIL import Image
 
 from .render import render
 from .splits import PairSplit, natural_split
+from .store import (CHECKSUMS_FILE, OWNER_FILE, WORLD_FILE, clean_stale_partials, discard_world, doc_checksum, verify_world,
+                    write_checksums, write_owner)
 from .text import descriptions, noisy_caption
 from .world import DEFAULT_WORLD, GENERATOR_VERSION, World
+
+log = logging.getLogger(__name__)
 
 SPLIT_DIR = "compositional-split-natural"
 METADATA = "metadata_compositional-split-natural.t7"
@@ -89,10 +96,16 @@ def _rng(seed: int, stream: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, _STREAM[stream], index])
 
 
-def _render_to_file(job: tuple) -> None:
+def _render_to_file(job: tuple) -> str:
+    """Render one image to its PNG file; returns the file's sha256 (for checksums.sha256)."""
     attr, obj, image_size, seed, stream, index, path = job
     img = render(attr, obj, image_size, _rng(seed, stream, index))
-    Image.fromarray(img).save(path, compress_level=1)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+    data = buf.getvalue()
+    with open(path, "wb") as f:
+        f.write(data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def _render_array(job: tuple) -> np.ndarray:
@@ -131,26 +144,32 @@ def generate(root: str | os.PathLike, config: SyntheticConfig = SyntheticConfig(
     """Write the world to ``root`` atomically (temp dir, then rename) and return ``root``.
 
     If ``root`` already holds a complete world (a ``world.json``), nothing is written: a
-    concurrent caller that lost the race discards its own copy.
+    concurrent caller that lost the race discards its own copy. Partial folders of generations
+    that were killed are removed first (see ``store.clean_stale_partials``).
     """
     import torch  # heavy; only needed to write the .t7 metadata
 
     root = Path(root)
-    if (root / "world.json").is_file():
+    if (root / WORLD_FILE).is_file():
         return root
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise ValueError(f"{root} exists but holds no synthetic world (no world.json); pass a new or empty "
                          "directory, or delete this one")
     root.parent.mkdir(parents=True, exist_ok=True)
+    # in the synthetic cache every partial folder is ours; elsewhere only those with our owner record
+    for folder, size in clean_stale_partials(root.parent, require_owner=root.parent != default_cache_dir()):
+        log.info("removed %s (%.1f MiB), left by a synthetic world generation that was killed", folder, size / 2**20)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
+        tmp.mkdir()
+        write_owner(tmp)
         split = config.pair_split(world)
         rows = image_plan(config, world)
         for a, o in {(r["attr"], r["obj"]) for r in rows}:
             (tmp / "images" / f"{a}_{o}").mkdir(parents=True, exist_ok=True)
         jobs = [(r["attr"], r["obj"], config.image_size, config.seed, r["set"], r["index"],
                  str(tmp / "images" / r["image"])) for r in rows]
-        _map(_render_to_file, jobs, _workers(config.workers))
+        digests = {f"images/{r['image']}": d for r, d in zip(rows, _map(_render_to_file, jobs, _workers(config.workers)))}
 
         (tmp / SPLIT_DIR).mkdir()
         for name, pairs in (("train", split.train), ("val", split.val), ("test", split.test)):
@@ -158,8 +177,13 @@ def generate(root: str | os.PathLike, config: SyntheticConfig = SyntheticConfig(
         metadata = [{"image": r["image"], "attr": r["attr"], "obj": r["obj"], "set": r["set"]} for r in rows]
         torch.save(metadata, tmp / METADATA)
         (tmp / "descriptions.json").write_text(json.dumps(descriptions(world), indent=1))
+        for rel in [f"{SPLIT_DIR}/{s}_pairs.txt" for s in ("train", "val", "test")] + [METADATA, "descriptions.json"]:
+            digests[rel] = _sha256(tmp / rel)
         info = world_info(config, world, split, rows)
-        (tmp / "world.json").write_text(json.dumps(info, indent=1))  # last: marks completeness
+        info["checksums"] = {"file": CHECKSUMS_FILE, "sha256": write_checksums(tmp, digests)}
+        info["checksum"] = doc_checksum(info)
+        (tmp / OWNER_FILE).unlink()
+        (tmp / WORLD_FILE).write_text(json.dumps(info, indent=1))  # last: marks completeness
         try:
             if root.is_dir() and not any(root.iterdir()):
                 root.rmdir()  # an empty folder the caller made for us
@@ -198,10 +222,42 @@ def default_cache_dir() -> Path:
     return (Path(base) if base else Path.home() / ".cache" / "czsl-bench") / "synthetic"
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def ensure_world(root: str | os.PathLike | None = None, config: SyntheticConfig = SyntheticConfig(),
-                 world: World = DEFAULT_WORLD) -> Path:
-    """Return a directory holding the world for ``config``, generating it on first use."""
+                 world: World = DEFAULT_WORLD, verify: bool = True) -> Path:
+    """Return a directory holding the world for ``config``, generating it on first use.
+
+    ``verify`` checks every file of an existing world against its checksums (about 0.3 s for
+    the default world). A damaged world in the cache (``root=None``) is reported, deleted and
+    generated again; at an explicit ``root`` it raises a one-line ``DatasetError`` instead, since
+    that folder is the user's. A world without checksums (an older czsl-bench) is regenerated in
+    the cache and read as it is, with a warning, at an explicit root.
+    """
+    cached = root is None
     root = Path(root) if root is not None else default_cache_dir() / config.hash()
+    if verify and (root / WORLD_FILE).is_file():
+        check = verify_world(root, current_version=GENERATOR_VERSION)
+        if not check.ok:
+            if cached:
+                log.warning("synthetic world %s is damaged or stale (%s); deleting it and generating it again",
+                            root, check.summary())
+                discard_world(root)
+            elif check.problems:
+                from ..czsl_format import DatasetError
+
+                raise DatasetError(
+                    f"synthetic: the world at {root} is damaged ({len(check.problems):,} file(s): {check.summary()}); "
+                    f"run `czsl-bench data check synthetic --root {root}` for the full report, or delete the "
+                    "folder to generate it again")
+            else:
+                log.warning("synthetic world %s: %s; delete the folder to generate it again", root, check.summary())
     return generate(root, config, world)
 
 

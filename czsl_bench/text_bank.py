@@ -1,0 +1,270 @@
+"""Description banks: per-pair sentences read from JSON, JSON Lines or a PLID-style pickle.
+
+A bank maps an (attribute, object) pair to a list of sentences that describe how that pair looks
+(DCLIP/CuPL-style descriptors; the synthetic world ships one as ``descriptions.json``). Three
+layouts are read:
+
+* **JSON**: ``{"attr obj": ["sentence", ...], ...}`` (the synthetic world's format), or a list of
+  JSON Lines-style records;
+* **JSON Lines**: one object per line, ``{"attr": "a", "obj": "o", "texts": [...]}`` (``"pair":
+  "a o"`` may replace ``attr``/``obj``; ``descriptions`` or ``sentences`` may replace ``texts``);
+* **pickle** (PLID's text database): a dict ``{(attr, obj): [str, ...]}``. It is read with a
+  restricted unpickler that resolves **no** global at all, so only plain containers, strings and
+  numbers can come out of it: a pickle that names a class or a function (which is how pickles run
+  code) is refused before anything is built.
+
+Pairs without sentences get one fallback sentence (``"a photo of {attr} {obj}"`` by default); how
+many did is counted, because coverage is information a method must report (a bank that only
+describes feasible pairs tells an open-world scorer which pairs are feasible).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+Pair = tuple[str, str]
+
+DEFAULT_FALLBACK = "a photo of {attr} {obj}"
+_TEXT_KEYS = ("texts", "descriptions", "sentences")
+_PICKLE_SUFFIXES = (".pkl", ".pickle")
+_JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+class TextBankError(ValueError):
+    """A bank file is missing, unreadable or not in one of the known layouts (one line)."""
+
+
+@dataclass(frozen=True)
+class TextBank:
+    """Sentences per pair, plus where they came from (``path`` and ``sha256`` of the file)."""
+
+    entries: dict[Pair, tuple[str, ...]]
+    path: str | None = None
+    sha256: str | None = None
+    layout: str = "memory"
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def texts(self, pair: Pair) -> tuple[str, ...]:
+        return self.entries.get((pair[0], pair[1]), ())
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance for a run record: path, content hash, layout, size."""
+        return {"path": self.path, "sha256": self.sha256, "layout": self.layout, "pairs": len(self.entries),
+                "sentences": sum(len(v) for v in self.entries.values())}
+
+
+@dataclass
+class PairTexts:
+    """The sentences of every pair of a world, with the fallback accounted for."""
+
+    texts: list[list[str]]
+    fallback: list[bool]
+    missing: list[Pair] = field(default_factory=list)
+
+    @property
+    def n_fallback(self) -> int:
+        return sum(self.fallback)
+
+
+def resolve_pair_texts(bank: TextBank | None, pairs: Sequence[Pair], fallback: str = DEFAULT_FALLBACK,
+                       clean=lambda n: n) -> PairTexts:
+    """Sentences for each pair of ``pairs``; pairs the bank lacks get ``fallback`` (one sentence)."""
+    if "{attr}" not in fallback or "{obj}" not in fallback:
+        raise TextBankError(f"fallback sentence {fallback!r} must contain {{attr}} and {{obj}}")
+    texts, used, missing = [], [], []
+    for a, o in pairs:
+        found = [t for t in (bank.texts((a, o)) if bank is not None else ()) if t.strip()]
+        if found:
+            texts.append(found)
+            used.append(False)
+        else:
+            texts.append([fallback.format(attr=clean(a), obj=clean(o))])
+            used.append(True)
+            missing.append((a, o))
+    return PairTexts(texts, used, missing)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+def load_text_bank(path: str | Path) -> TextBank:
+    """Read a bank file (layout chosen by suffix; ``.json`` may also hold JSON Lines)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise TextBankError(f"text bank {path} does not exist; pass a .json, .jsonl or .pkl description file")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    suffix = path.suffix.lower()
+    if suffix in _PICKLE_SUFFIXES:
+        entries, layout = _from_pickle(data, path), "pickle"
+    elif suffix in _JSONL_SUFFIXES:
+        entries, layout = _from_jsonl(data, path), "jsonl"
+    else:
+        try:
+            raw = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise TextBankError(f"text bank {path} is not UTF-8 text; is it a pickle? name it .pkl") from None
+        except json.JSONDecodeError as exc:
+            if exc.msg == "Extra data":  # several JSON values: JSON Lines under a .json name
+                entries, layout = _from_jsonl(data, path), "jsonl"
+                return TextBank(entries, str(path), digest, layout)
+            raise TextBankError(f"text bank {path} is not valid JSON ({exc.msg} at line {exc.lineno}); "
+                                "fix the file") from None
+        entries, layout = _from_json_value(raw, path), "json"
+    return TextBank(entries, str(path), digest, layout)
+
+
+def bank_from_mapping(mapping: dict[Pair, Iterable[str]] | None, path: str | Path | None = None) -> TextBank | None:
+    """A bank from an in-memory ``{(attr, obj): [texts]}`` (e.g. ``CZSLDataset.descriptions``).
+
+    ``path`` names the file it was read from, so the record can carry its content hash."""
+    if mapping is None:
+        return None
+    entries = {(str(a), str(o)): tuple(str(t) for t in texts) for (a, o), texts in mapping.items()}
+    digest = None
+    if path is not None and Path(path).is_file():
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return TextBank(entries, str(path) if path is not None else None, digest, "json" if path else "memory")
+
+
+def _pair_key(key: str, path: Path) -> Pair:
+    fields = key.split()
+    if len(fields) != 2:
+        raise TextBankError(f"text bank {path}: key {key!r} must be '<attr> <obj>' (two names separated by a space)")
+    return fields[0], fields[1]
+
+
+def _sentences(value: Any, where: str, path: Path) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
+        raise TextBankError(f"text bank {path}: {where} must map to a list of strings, got {type(value).__name__}")
+    return tuple(value)
+
+
+def _add(entries: dict[Pair, tuple[str, ...]], pair: Pair, texts: tuple[str, ...]) -> None:
+    # a pair named twice (JSON Lines written in several passes) keeps every sentence once
+    old = entries.get(pair, ())
+    entries[pair] = old + tuple(t for t in texts if t not in old)
+
+
+def _from_record(rec: Any, where: str, path: Path) -> tuple[Pair, tuple[str, ...]]:
+    if not isinstance(rec, dict):
+        raise TextBankError(f"text bank {path}: {where} is a {type(rec).__name__}, expected an object "
+                            '{"attr": ..., "obj": ..., "texts": [...]}')
+    if "pair" in rec:
+        pair = _pair_key(str(rec["pair"]), path)
+    elif "attr" in rec and "obj" in rec:
+        pair = (str(rec["attr"]), str(rec["obj"]))
+    else:
+        raise TextBankError(f"text bank {path}: {where} has no 'attr'/'obj' (or 'pair') field")
+    key = next((k for k in _TEXT_KEYS if k in rec), None)
+    if key is None:
+        raise TextBankError(f"text bank {path}: {where} has no {'/'.join(_TEXT_KEYS)} field")
+    return pair, _sentences(rec[key], where, path)
+
+
+def _from_json_value(raw: Any, path: Path) -> dict[Pair, tuple[str, ...]]:
+    entries: dict[Pair, tuple[str, ...]] = {}
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            _add(entries, _pair_key(key, path), _sentences(value, f"entry {key!r}", path))
+    elif isinstance(raw, list):
+        for i, rec in enumerate(raw):
+            _add(entries, *_from_record(rec, f"item {i}", path))
+    else:
+        raise TextBankError(f"text bank {path} must hold an object {{\"attr obj\": [texts]}} or a list of records")
+    return entries
+
+
+def _from_jsonl(data: bytes, path: Path) -> dict[Pair, tuple[str, ...]]:
+    entries: dict[Pair, tuple[str, ...]] = {}
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise TextBankError(f"text bank {path} is not UTF-8 text") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TextBankError(f"text bank {path}: line {n} is not valid JSON ({exc.msg}); fix or delete it") from None
+        _add(entries, *_from_record(rec, f"line {n}", path))
+    return entries
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Builds only what pickle's own opcodes build (dicts, lists, tuples, str, numbers, bool, None).
+
+    Everything else in a pickle (classes, functions, ``__reduce__`` payloads) reaches Python through
+    ``find_class``; refusing every name there is what makes loading an untrusted file safe."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain data is allowed")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("refusing a persistent id: only plain data is allowed")
+
+
+def _from_pickle(data: bytes, path: Path) -> dict[Pair, tuple[str, ...]]:
+    try:
+        raw = _PlainDataUnpickler(io.BytesIO(data)).load()
+    except pickle.UnpicklingError as exc:
+        raise TextBankError(f"text bank {path} is not a plain-data pickle ({exc}); re-save it as "
+                            "a dict of (attr, obj) -> list of str, or convert it to JSON") from None
+    except Exception as exc:  # noqa: BLE001 - truncated or foreign files raise many types
+        raise TextBankError(f"text bank {path} cannot be unpickled ({type(exc).__name__}); is it a pickle?") from None
+    if not isinstance(raw, dict):
+        raise TextBankError(f"text bank {path}: the pickle holds a {type(raw).__name__}, expected a dict "
+                            "(attr, obj) -> list of str")
+    entries: dict[Pair, tuple[str, ...]] = {}
+    for key, value in raw.items():
+        if isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key):
+            pair = (key[0], key[1])
+        elif isinstance(key, str):
+            pair = _pair_key(key, path)
+        else:
+            raise TextBankError(f"text bank {path}: key {key!r} is not an (attr, obj) tuple of strings")
+        _add(entries, pair, _sentences(value, f"entry {key!r}", path))
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------
+# Coverage (``czsl-bench text info``)
+# ---------------------------------------------------------------------------------------------
+def coverage(bank: TextBank, dataset: Any) -> dict[str, Any]:
+    """How much of ``dataset``'s pair lists the bank describes, per list, and what it has extra."""
+    lists = {
+        "train": list(dataset.train_pairs), "val": list(dataset.val_pairs), "test": list(dataset.test_pairs),
+        "closed world": list(dataset.closed_pairs), "open world": list(dataset.open_pairs),
+    }
+    out: dict[str, Any] = {"bank": bank.describe(), "lists": {}}
+    for name, pairs in lists.items():
+        counts = [len(bank.texts(p)) for p in pairs]
+        covered = [c for c in counts if c]
+        out["lists"][name] = {
+            "pairs": len(pairs), "covered": len(covered),
+            "fallback": len(pairs) - len(covered),
+            "sentences_min": min(covered) if covered else 0,
+            "sentences_mean": sum(covered) / len(covered) if covered else 0.0,
+            "sentences_max": max(covered) if covered else 0,
+        }
+    known = set(dataset.open_pairs)
+    extra = [p for p in bank.entries if p not in known]
+    out["unknown_pairs"] = len(extra)
+    out["unknown_examples"] = [" ".join(p) for p in extra[:3]]
+    return out
+
+
+__all__ = ["TextBank", "TextBankError", "PairTexts", "DEFAULT_FALLBACK", "load_text_bank", "bank_from_mapping",
+           "resolve_pair_texts", "coverage"]
