@@ -75,7 +75,7 @@ class RunOptions:
     write: bool = True
     progress: Any = None
     eval_batch_size: int = 256
-    num_workers: int = 0
+    num_workers: int | None = None  # DataLoader workers; None = fit the machine (czsl_bench.loading)
     provenance: dict[str, Any] | None = None  # added to every record's provenance (a sweep's executor)
 
     def __post_init__(self) -> None:
@@ -516,7 +516,8 @@ def prepare_and_train(run: PreparedRun, opts: RunOptions, settings: Sequence[str
     method = run.method_cls(run.config)
     ctx = RunContext(dataset_name=run.plugin.name, dataset=run.dataset, backbone=run.backbone, config=run.config,
                      seed=run.spec.seed, device=run.device, setting="+".join(settings), cache=run.cache,
-                     progress=progress, eval_batch_size=opts.eval_batch_size, num_workers=opts.num_workers,
+                     progress=progress, eval_batch_size=opts.eval_batch_size, num_workers=opts.num_workers or 0,
+                     workers=opts.num_workers,
                      name_policy=run.plugin.name_policy)
     method.prepare(ctx)
     lap("prepare")
@@ -599,6 +600,8 @@ def _run_spec(spec: RunSpec, opts: RunOptions) -> tuple[list[RunRecord], bool]:
         lap(f"evaluate_{setting}")
         run_timings = {k: v for k, v in timings.items() if not k.startswith("evaluate_") or k == f"evaluate_{setting}"}
         run_timings["total"] = round(time.perf_counter() - t_start, 3)
+        if fit is not None:
+            run_timings.update(fit.input_timings())
         ident = run.identities[setting]
         if test.protocol != ident.protocol:
             raise RuntimeError(f"the evaluator reported protocol {test.protocol}, the identity {ident.protocol}")

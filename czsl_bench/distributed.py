@@ -292,17 +292,16 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
 class GlobalBatchSampler(torch.utils.data.Sampler):
     """This rank's slice of every global batch of one epoch (see the module docstring).
 
-    The permutation is ``torch.randperm(n, generator=generator)`` drawn lazily at the first
-    batch, exactly as ``DataLoader(shuffle=True, generator=generator)`` draws it (after the
-    loader's worker base seed), so the global batches are the single-process batches.
+    ``order`` yields the epoch's single-process order (the trainer's ``EpochSampler``, a pure
+    function of (seed, epoch)), so the global batches are exactly the single-process batches.
     """
 
-    def __init__(self, n: int, batch_size: int, generator: torch.Generator, rank: int, world_size: int):
+    def __init__(self, order: torch.utils.data.Sampler[int], batch_size: int, rank: int, world_size: int):
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} is the global batch of a run on {world_size} processes "
                              f"and must be divisible by {world_size}; choose e.g. --set batch_size="
                              f"{max(world_size, batch_size - batch_size % world_size)}")
-        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.order, self.n, self.batch_size = order, len(order), batch_size
         self.rank, self.world_size = rank, world_size
 
     def global_batches(self, perm: list[int]) -> Iterator[list[int]]:
@@ -313,8 +312,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
                 yield batch[:usable]
 
     def __iter__(self) -> Iterator[list[int]]:
-        perm = torch.randperm(self.n, generator=self.generator).tolist()
-        for batch in self.global_batches(perm):
+        for batch in self.global_batches(list(self.order)):
             per = len(batch) // self.world_size
             yield batch[self.rank * per:(self.rank + 1) * per]
 
@@ -323,15 +321,9 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         return full + (1 if rest >= self.world_size else 0)
 
 
-def loader_batching(dataset: Any, batch_size: int, generator: torch.Generator, worker_init: Callable | None
-                    ) -> dict[str, Any]:
-    """``DataLoader`` keyword arguments for this rank: ``batch_size``/``shuffle`` alone, or this
-    rank's :class:`GlobalBatchSampler` and a worker seeding that folds in the rank."""
-    d = current()
-    if d is None:
-        return dict(batch_size=batch_size, shuffle=True, worker_init_fn=worker_init)
-    return dict(batch_sampler=GlobalBatchSampler(len(dataset), batch_size, generator, d.rank, d.world_size),
-                worker_init_fn=_RankWorkerInit(d.rank, worker_init))
+def rank_worker_init(rank: int, inner: Callable | None) -> Callable[[int], None]:
+    """DataLoader worker seeding with the rank folded in (see :class:`_RankWorkerInit`)."""
+    return _RankWorkerInit(rank, inner)
 
 
 class _RankWorkerInit:
@@ -457,6 +449,6 @@ def distributed_step(method: Any, ctx: Any, device: torch.device) -> Distributed
 __all__ = [
     "Dist", "GlobalBatchNorm", "average_gradients", "GlobalBatchSampler", "DistributedStep", "all_gather_rows", "all_true",
     "barrier", "broadcast_object", "gather_rows", "sum_over_ranks", "choose_backend", "collectives_on", "current", "distributed_step",
-    "env_world_size", "init", "is_main", "loader_batching", "local_only", "rank", "shutdown", "sum_floats",
+    "env_world_size", "init", "is_main", "local_only", "rank_worker_init", "rank", "shutdown", "sum_floats",
     "sync_batchnorm", "world_size",
 ]

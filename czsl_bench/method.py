@@ -126,9 +126,11 @@ class RunContext:
     cache: Any = None  # czsl_bench.cache.FeatureCache or None (features recomputed)
     progress: Any = field(default_factory=NullProgress)
     eval_batch_size: int = 256
-    num_workers: int = 0
+    num_workers: int = 0  # workers of the loaders a method builds itself (0 = the main process)
+    workers: int | None = None  # `--workers`: the harness's loaders; None = fit the machine (czsl_bench.loading)
     name_policy: str = "dots"  # the dataset plugin's (czsl_bench.names)
     _features: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
+    _decoded_images: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def clean_name(self, name: str) -> str:
         """A primitive name as prompt words, under the dataset's name policy."""
@@ -139,6 +141,23 @@ class RunContext:
     def split(self, name: str, world: str = "closed") -> Any:
         """The dataset's split ``name`` in ``world`` (memoised by the dataset)."""
         return self.dataset.split(name, world)
+
+    def train_images(self, split: Any) -> torch.utils.data.Dataset:
+        """The training images of ``split`` for the Trainer: decoded once (the decoded-image
+        cache), the backbone's training augmentation applied per batch on ``device``; the same
+        tensors and random draws as ``split.dataset(backbone.preprocess_train)``
+        (czsl_bench/image_data.py, docs/methods.md "Input pipeline")."""
+        from czsl_bench.image_data import train_images
+
+        return train_images(self, split)
+
+    def eval_batches(self, split: Any, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
+        """``(images, labels, indices)`` batches of ``split`` in order on ``device``, with the
+        backbone's evaluation transform: the tensors of ``split.dataset(backbone.preprocess_eval)``,
+        read from the decoded-image cache."""
+        from czsl_bench.image_data import eval_batches
+
+        return eval_batches(self, split, batch_size)
 
     def image_features(self, split: Any) -> torch.Tensor:
         """``[N, D]`` float32 image features of ``split`` from the frozen image encoder (CPU).
@@ -156,9 +175,12 @@ class RunContext:
 
 
 def _image_features(ctx: RunContext, split: Any) -> torch.Tensor:
+    from czsl_bench.loading import loader_settings
+
+    workers = loader_settings(ctx.device, ctx.workers, decodes=True, items=len(split)).num_workers
     if ctx.cache is None:
         return encode_split_images(ctx.backbone, split, ctx.device, ctx.eval_batch_size,
-                                   ctx.num_workers, ctx.progress)
+                                   workers, ctx.progress)
     from czsl_bench.features import split_image_features
 
     with ctx.progress.task(f"image features: {split.name}", total=len(split)) as task:
@@ -169,7 +191,7 @@ def _image_features(ctx: RunContext, split: Any) -> torch.Tensor:
             done_so_far[0] = done
 
         feats = split_image_features(ctx.backbone, split, ctx.cache, ctx.eval_batch_size,
-                                     ctx.num_workers, report)
+                                     workers, report)
     return feats.float().cpu()
 
 

@@ -12,7 +12,12 @@ clipping, validation period and the model-selection metric. Around the method's
   reaches the same final numbers as an uninterrupted run with the same seed (data order is a
   pure function of (seed, epoch), RNG states are restored);
 * model selection: the harness passes ``validate(method) -> metrics``; the epoch with the best
-  ``select_metric`` (default ``auc``) is restored at the end and recorded.
+  ``select_metric`` (default ``auc``) is restored at the end and recorded;
+* the input pipeline: one DataLoader for the whole fit, set up by czsl_bench.loading (workers,
+  pinned memory, persistent workers, prefetch); a dataset's ``device_transform`` (the decoded-image
+  path, czsl_bench/image_data.py) turns each batch into the step's input on the device; every
+  epoch records how long the steps waited for data and how long they computed, and the progress
+  bar says when training is input-bound (docs/methods.md, "Input pipeline").
 
 The trainer never evaluates by itself and never writes anything but its checkpoint.
 
@@ -44,11 +49,14 @@ from torch.utils.data import DataLoader
 from czsl_bench import distributed
 from czsl_bench.atomic import atomic_file
 from czsl_bench.method import Method, NullProgress, RunContext, TrainConfig
+from czsl_bench.loading import loader_settings, pure_items
 from czsl_bench.seeding import hash_seed, loader_generator, worker_init_fn
 
 CHECKPOINT_VERSION = 1
 _TRAIN_STREAM = 0x7EA1
 LAST = "last.pt"
+# Above this share of step time spent waiting for data the progress bar says so (docs/methods.md).
+INPUT_BOUND_SHARE = 0.2
 
 Validate = Callable[[Method], dict[str, float]]
 
@@ -63,6 +71,15 @@ class EpochLog:
     seconds: float
     val: dict[str, float] | None = None
     diagnostics: dict[str, float] | None = None  # method.epoch_diagnostics(), when it has one
+    # seconds the steps waited for their batch (loader, copy to the device, batch transform) and
+    # spent computing (forward, backward, optimizer); validation is in neither
+    data_seconds: float = 0.0
+    compute_seconds: float = 0.0
+
+    @property
+    def data_share(self) -> float:
+        busy = self.data_seconds + self.compute_seconds
+        return self.data_seconds / busy if busy > 0 else 0.0
 
 
 @dataclass
@@ -80,6 +97,13 @@ class FitResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (NaN/inf, e.g. the loss of an epoch whose batches were all skipped, → None)."""
         return _finite_or_none(asdict(self))
+
+    def input_timings(self) -> dict[str, float]:
+        """``fit_data_wait`` / ``fit_compute``: seconds summed over the history (a resumed run
+        counts the epochs before the resume too); the record's ``timings`` carry them."""
+        data = sum(h.data_seconds for h in self.history)
+        compute = sum(h.compute_seconds for h in self.history)
+        return {"fit_data_wait": round(data, 3), "fit_compute": round(compute, 3)}
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -193,12 +217,16 @@ class Trainer:
         if n_batches == 0 and cfg.epochs > 0:
             raise ValueError(f"method {method.name!r}: the training set is empty")
         end_epoch = cfg.epochs if self.stop_after is None else min(cfg.epochs, self.stop_after)
+        loader = self._loader(dataset, cfg, ctx)
 
         with self.progress.task(f"{method.name}: epochs", total=cfg.epochs) as epoch_task:
             epoch_task.advance(start_epoch)
             for epoch in range(start_epoch + 1, end_epoch + 1):
-                log = self._train_epoch(method, ctx, cfg, dataset, optimizer, scaler, use_amp,
+                log = self._train_epoch(method, ctx, cfg, loader, optimizer, scaler, use_amp,
                                         amp_dtype, epoch, params)
+                if log.data_share >= INPUT_BOUND_SHARE:
+                    epoch_task.update(description=f"{method.name}: epochs (input-bound: {log.data_share * 100:.0f} % "
+                                      "of step time waiting for data; see docs/methods.md)")
                 nonfinite += log.skipped_nonfinite
                 if scheduler is not None:
                     # the released ClusPro code steps its scheduler twice per epoch (docs/cluspro.md)
@@ -229,21 +257,45 @@ class Trainer:
                          resumed_from=resumed_from, history=history)
 
     # ------------------------------------------------------------------------------------------
-    def _train_epoch(self, method, ctx, cfg, dataset, optimizer, scaler, use_amp, amp_dtype,
+    def _loader(self, dataset, cfg: TrainConfig, ctx: RunContext) -> DataLoader:
+        """The fit's one DataLoader (czsl_bench.loading decides its settings). The worker count
+        of a dataset that draws randomness per item changes what training sees, so it is the
+        config's (part of the run identity); for pure datasets it is the machine's choice."""
+        pure = pure_items(dataset)
+        workers = cfg.num_workers if cfg.num_workers > 0 or not pure else getattr(ctx, "workers", None)
+        settings = loader_settings(self.device, workers, decodes=not pure, pure=pure)
+        self._order = EpochSampler(len(dataset), self.seed)
+        if self.dist is None:
+            batching = dict(batch_size=cfg.batch_size, sampler=self._order, worker_init_fn=worker_init_fn)
+        else:  # [ddp] this rank's slice of each single-process global batch; workers fold in the rank
+            batching = dict(batch_sampler=distributed.GlobalBatchSampler(self._order, cfg.batch_size, self.dist.rank,
+                                                                         self.dist.world_size),
+                            worker_init_fn=distributed.rank_worker_init(self.dist.rank, worker_init_fn))
+        return DataLoader(dataset, collate_fn=getattr(dataset, "collate", None),
+                          generator=loader_generator(self.seed, 0), **batching, **settings.kwargs())
+
+    def _train_epoch(self, method, ctx, cfg, loader, optimizer, scaler, use_amp, amp_dtype,
                      epoch, params) -> EpochLog:
-        generator = loader_generator(self.seed, epoch)
-        # [ddp] alone: batch_size + shuffle; in a group: this rank's slice of each global batch
-        batching = distributed.loader_batching(dataset, cfg.batch_size, generator, worker_init_fn)
-        loader = DataLoader(dataset, generator=generator, num_workers=cfg.num_workers,
-                            persistent_workers=False, **batching)
+        self._order.set_epoch(epoch)
+        # worker seeds derive from the epoch's generator, as the order does (a resumed run repeats it)
+        loader.generator = loader_generator(self.seed, epoch)
+        device_transform = getattr(loader.dataset, "device_transform", None)
         method.train_mode(True)
         optimizer.zero_grad(set_to_none=True)
         total, finite_batches, skipped = 0.0, 0, 0
+        data_time = compute_time = 0.0
         started = time.perf_counter()
         n = len(loader)
         with self.progress.task(f"epoch {epoch}/{cfg.epochs}", total=n) as task:
-            for i, batch in enumerate(loader):
-                batch = _to_device(batch, self.device)
+            batches = iter(loader)
+            for i in range(n):
+                clock = time.perf_counter()
+                batch = next(batches)
+                if device_transform is not None:
+                    batch = device_transform(batch, self.device)
+                else:
+                    batch = _to_device(batch, self.device)
+                ready = time.perf_counter()
                 boundary = (i + 1) % cfg.grad_accum == 0 or i + 1 == n
                 # [ddp] gradients are all-reduced in the backward of a step's last micro-batch only
                 with self._step_fn.no_sync(boundary) if self.dist is not None else contextlib.nullcontext():
@@ -262,6 +314,9 @@ class Trainer:
                     if self.dist is not None and not finite:
                         distributed.average_gradients(params)  # [ddp] no backward synchronised this step
                     skipped += self._step(optimizer, scaler, params, cfg)
+                done = time.perf_counter()
+                data_time += ready - clock
+                compute_time += done - ready
                 task.advance()
         method.train_mode(False)
         if self.dist is not None:  # [ddp] the epoch's loss over every rank's batches
@@ -270,7 +325,8 @@ class Trainer:
         return EpochLog(epoch=epoch, train_loss=total / finite_batches if finite_batches else float("nan"),
                         batches=n, skipped_nonfinite=skipped, lr=optimizer.param_groups[0]["lr"],
                         seconds=time.perf_counter() - started,
-                        diagnostics=diagnostics() if callable(diagnostics) else None)
+                        diagnostics=diagnostics() if callable(diagnostics) else None,
+                        data_seconds=round(data_time, 4), compute_seconds=round(compute_time, 4))
 
     @staticmethod
     def _step(optimizer, scaler, params, cfg) -> int:
@@ -375,6 +431,30 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------------------------
+class EpochSampler(torch.utils.data.Sampler):
+    """The order of epoch ``e``: a pure function of (seed, e), so one loader serves the whole fit
+    (its workers may persist) and a resumed run sees the batches an uninterrupted one would.
+
+    It is exactly the order of ``DataLoader(shuffle=True, generator=loader_generator(seed, e))``,
+    the per-epoch loader this trainer used before: that loader draws its workers' base seed from
+    the generator first, then ``torch.randperm``; the first draw is skipped here the same way, so
+    records trained before keep their numbers."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = loader_generator(self.seed, self.epoch)
+        torch.empty((), dtype=torch.int64).random_(generator=generator)  # the loader's base-seed draw
+        yield from torch.randperm(self.n, generator=generator).tolist()
+
+
 def _make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)

@@ -123,7 +123,8 @@ class ThreePathMethod(Method):
         train_index = {p: i for i, p in enumerate(ctx.dataset.train_pairs)}
         to_train = torch.tensor([train_index.get(tuple(p), -1) for p in split.pairs], device=ctx.device)
         self._train_lookup = (to_train, split.pair_attr.to(ctx.device), split.pair_obj.to(ctx.device))
-        return split.dataset(ctx.backbone.preprocess_train)
+        # decoded once, augmented per batch: the PIL path's tensors and random draws (docs/methods.md)
+        return ctx.train_images(split)
 
     def batch_targets(self, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         to_train, pair_attr, pair_obj = self._train_lookup
@@ -171,8 +172,6 @@ class ThreePathMethod(Method):
 
     @torch.no_grad()
     def score(self, ctx: RunContext, split) -> Tensor:
-        from torch.utils.data import DataLoader
-
         model = self.model
         model.eval()
         pair_attr = split.pair_attr.to(ctx.device)
@@ -181,12 +180,10 @@ class ThreePathMethod(Method):
         batch = ctx.eval_batch_size
         if model.cmt is not None:  # image-dependent text: bound the [B, P, D] tensor to ~64 M floats
             batch = max(1, min(batch, (64 << 20) // max(1, len(split.pairs) * model.backbone.embed_dim)))
-        loader = DataLoader(split.dataset(ctx.backbone.preprocess_eval), batch_size=batch,
-                            shuffle=False, num_workers=ctx.num_workers)
         out = []
-        with ctx.progress.task(f"{self.name}: score {split.name}", total=len(loader)) as task:
-            for images, _, _ in loader:
-                feats = model.image_features(images.to(ctx.device))
+        with ctx.progress.task(f"{self.name}: score {split.name}", total=-(-len(split) // batch)) as task:
+            for images, _, _ in ctx.eval_batches(split, batch):
+                feats = model.image_features(images)
                 s_c, s_a, s_o = model.branch_logits(feats, text)
                 out.append(model.combine(s_c, s_a, s_o, pair_attr, pair_obj).float().cpu())
                 task.advance()

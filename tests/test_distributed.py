@@ -209,26 +209,30 @@ def single_threaded():
 
 # -- units ---------------------------------------------------------------------------------------
 def test_global_batches_are_the_single_process_batches_split_in_rank_order():
-    n, batch = 23, 8
-    def through_loader(rank, world):
-        g = torch.Generator().manual_seed(5)  # one generator, as the Trainer passes it
-        sampler = distributed.GlobalBatchSampler(n, batch, g, rank, world)
-        return [b.tolist() for b in torch.utils.data.DataLoader(range(n), batch_sampler=sampler, generator=g)]
+    from czsl_bench.training import EpochSampler
 
-    single = [b.tolist() for b in torch.utils.data.DataLoader(range(n), batch_size=batch, shuffle=True,
-                                                              generator=torch.Generator().manual_seed(5))]
-    # DataLoader draws its worker base seed from the generator before the sampler's permutation;
-    # the sampler draws lazily too, so the permutations agree
-    assert through_loader(0, 1) == single
-    for world in (2, 4):
-        ranks = [through_loader(r, world) for r in range(world)]
-        for b, parts in enumerate(zip(*ranks)):
-            glued = [i for part in parts for i in part]
-            usable = len(single[b]) - len(single[b]) % world
-            assert glued == single[b][:usable] and len({len(p) for p in parts}) == 1
-        assert len(ranks[0]) == len(distributed.GlobalBatchSampler(n, batch, torch.Generator(), 0, world))
+    n, batch, seed = 23, 8, 5
+
+    def through_loader(rank, world, epoch):
+        order = EpochSampler(n, seed)
+        order.set_epoch(epoch)
+        sampler = distributed.GlobalBatchSampler(order, batch, rank, world)
+        return [b.tolist() for b in torch.utils.data.DataLoader(range(n), batch_sampler=sampler)]
+
+    for epoch in (1, 2):
+        order = EpochSampler(n, seed)
+        order.set_epoch(epoch)
+        single = [b.tolist() for b in torch.utils.data.DataLoader(range(n), batch_size=batch, sampler=order)]
+        assert through_loader(0, 1, epoch) == single
+        for world in (2, 4):
+            ranks = [through_loader(r, world, epoch) for r in range(world)]
+            for b, parts in enumerate(zip(*ranks)):
+                glued = [i for part in parts for i in part]
+                usable = len(single[b]) - len(single[b]) % world
+                assert glued == single[b][:usable] and len({len(p) for p in parts}) == 1
+            assert len(ranks[0]) == len(distributed.GlobalBatchSampler(EpochSampler(n, seed), batch, 0, world))
     with pytest.raises(ValueError, match="divisible by 3"):
-        distributed.GlobalBatchSampler(n, 8, torch.Generator(), 0, 3)
+        distributed.GlobalBatchSampler(EpochSampler(n, seed), 8, 0, 3)
 
 
 def test_without_a_group_everything_is_the_single_process_path():
@@ -236,7 +240,6 @@ def test_without_a_group_everything_is_the_single_process_path():
     assert not distributed.collectives_on() and distributed.all_true(True) and not distributed.all_true(False)
     x = torch.arange(6.0).view(3, 2)
     assert distributed.all_gather_rows(x) == (x, 0, 3)
-    assert distributed.loader_batching(range(4), 2, torch.Generator(), None)["shuffle"] is True
     assert distributed.choose_backend(torch.device("cpu")) == "gloo"
     assert distributed.choose_backend(torch.device("cuda", 0)) == "nccl"
     bn = torch.nn.BatchNorm1d(3)

@@ -1,4 +1,5 @@
-"""``czsl-bench cache``: list and clear the on-disk feature cache (czsl_bench.cache)."""
+"""``czsl-bench cache``: list and clear the on-disk caches under one root: frozen features
+(czsl_bench.cache) and decoded images (czsl_bench.image_cache)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,18 @@ def _human(n: float) -> str:
 
 @click.group()
 def cache() -> None:
-    """Inspect or empty the cache of frozen image and text features."""
+    """Inspect or empty the caches of frozen features and decoded images."""
+
+
+def _entries(root: str | None) -> tuple[object, list]:
+    """Both stores under ``root`` and their entries, newest first."""
+    from czsl_bench.cache import FeatureCache
+    from czsl_bench.image_cache import ImageCache
+
+    features = FeatureCache(root)
+    entries = features.entries() + ImageCache(features.root).entries()
+    entries.sort(key=lambda e: e.created, reverse=True)
+    return features, entries
 
 
 @cache.command("ls")
@@ -27,10 +39,7 @@ def cache() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per entry.")
 def ls(root: str | None, as_json: bool) -> None:
     """List cache entries, newest first."""
-    from czsl_bench.cache import FeatureCache
-
-    store = FeatureCache(root)
-    entries = store.entries()
+    store, entries = _entries(root)
     if as_json:
         for e in entries:
             click.echo(
@@ -49,7 +58,7 @@ def ls(root: str | None, as_json: bool) -> None:
 
     rows = []
     for e in entries:
-        what = ", ".join(f"{k}={v}" for k, v in e.meta.items() if k in ("arch", "split", "template", "n", "error"))
+        what = ", ".join(f"{k}={v}" for k, v in e.meta.items() if k in ("arch", "dataset", "split", "template", "n", "error"))
         rows.append([e.key[:12], e.kind, _human(e.size_bytes), e.created, what])
     click.echo(tabulate(rows, headers=["key", "kind", "size", "created (UTC)", "content"]))
     total = sum(e.size_bytes for e in entries)
@@ -58,7 +67,8 @@ def ls(root: str | None, as_json: bool) -> None:
 
 @cache.command("clear")
 @click.option("--root", type=click.Path(file_okay=False), default=None, help=_ROOT_HELP)
-@click.option("--kind", default=None, help="Only entries of this kind (image_features, pair_text_features, ...).")
+@click.option("--kind", default=None,
+              help="Only entries of this kind (image_features, pair_text_features, decoded_images).")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 def clear(root: str | None, kind: str | None, yes: bool) -> None:
     """Delete cache entries (all, or one kind).
@@ -66,10 +76,10 @@ def clear(root: str | None, kind: str | None, yes: bool) -> None:
     Without --kind, also deletes the partial synthetic world folders of generations that were
     killed (their owner process is gone); complete worlds are kept.
     """
-    from czsl_bench.cache import FeatureCache
+    from czsl_bench.image_cache import KIND, ImageCache
 
-    store = FeatureCache(root)
-    entries = [e for e in store.entries() if kind is None or e.kind == kind]
+    store, entries = _entries(root)
+    entries = [e for e in entries if kind is None or e.kind == kind]
     if not entries and kind is not None:
         click.echo(f"no {kind} entries in {store.root}")
         return
@@ -77,7 +87,11 @@ def clear(root: str | None, kind: str | None, yes: bool) -> None:
     what = f"{len(entries)} {kind + ' ' if kind else ''}entries ({_human(total)}) from {store.root}"
     if entries and not yes:
         click.confirm(f"Delete {what}?", abort=True)
-    removed = store.clear(kind)
+    removed = 0
+    if kind in (None, KIND):
+        removed += ImageCache(store.root).clear()
+    if kind != KIND:
+        removed += store.clear(kind)
     click.echo(f"deleted {removed} {kind + ' ' if kind else ''}entries ({_human(total)})")
     if kind is None:
         _clear_stale_partials(store.root)

@@ -17,6 +17,18 @@ from czsl_bench.cli.params import FINITE_FLOAT
 from czsl_bench.cli.executor import check_executor_options, executor_options, slurm_settings
 
 
+def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        workers = int(value)
+    except ValueError:
+        workers = -1
+    if workers < 0:
+        raise click.BadParameter(f"{value!r} is not a worker count; pass 0, 1, 2, ... or auto", ctx=ctx, param=param)
+    return workers
+
+
 def _split_seed(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
     from czsl_bench.api import parse_seeds
 
@@ -54,11 +66,14 @@ def _split_seed(ctx: click.Context, param: click.Parameter, value: str) -> list[
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help="Dataset root (default: $CZSL_DATA/<name> or the dataset's cache).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Feature cache folder.")
+@click.option("--workers", default="auto", callback=_workers, metavar="N|auto",
+              help="DataLoader worker processes for decoding and batching images (0 = the main "
+                   "process); auto fits the machine's cores (docs/methods.md, 'Input pipeline').")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @executor_options
 def run(methods, dataset, seed, setting, backbone, pretrained, overrides, config_file, ablation,
         results_dir, skip_existing, resume, device, deterministic, threshold, data_root, cache_dir,
-        quiet, executor, **slurm):
+        workers, quiet, executor, **slurm):
     """Run METHOD(s) on datasets and seeds; write one record per run and setting.
 
     \b
@@ -90,7 +105,7 @@ def run(methods, dataset, seed, setting, backbone, pretrained, overrides, config
                           config_file=config_file, ablation=ablation, results_dir=results_dir,
                           skip_existing=skip_existing, resume=resume, device=device,
                           deterministic=deterministic, threshold=threshold, data_root=data_root,
-                          cache_dir=cache_dir)
+                          cache_dir=cache_dir, num_workers=workers)
     if executor == "slurm":
         from czsl_bench.cli.executor import slurm_config, submit_sweep
 

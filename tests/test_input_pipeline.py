@@ -1,0 +1,223 @@
+"""The input pipeline around the trainer: decoded images train exactly as the PIL path does,
+one loader per fit, DataLoader settings from one place, data-wait vs compute in every epoch."""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+
+from czsl_bench import loading
+from czsl_bench.backbone import load_backbone
+from czsl_bench.cache import FeatureCache
+from czsl_bench.image_data import DecodedSplit
+from czsl_bench.loading import loader_settings
+from czsl_bench.method import Method, RunContext, TrainConfig
+from czsl_bench.seeding import loader_generator
+from czsl_bench.training import EpochSampler, Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixtures.toy_world import write_toy_world  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    from czsl_bench.datasets.czsl_format import CZSLDataset
+
+    root = write_toy_world(tmp_path_factory.mktemp("toy") / "toy", per_pair=(10, 4))
+    return CZSLDataset.from_root(root, name="toy")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_backbone("czsl-tiny-vit", None, device="cpu")
+
+
+def _ctx(dataset, backbone, cache_root, config=None, **kw) -> RunContext:
+    return RunContext(dataset_name=dataset.name, dataset=dataset, backbone=backbone, config=config, seed=0,
+                      cache=FeatureCache(cache_root) if cache_root is not None else None, **kw)
+
+
+@dataclass
+class ProbeConfig(TrainConfig):
+    @classmethod
+    def defaults(cls, recipe: str) -> ProbeConfig:
+        return cls(epochs=2, batch_size=8, lr=0.05, optimizer="sgd", select_metric="last")
+
+
+class PixelProbe(Method):
+    """Reads pixels and draws dropout between batches: any change in the images or in the random
+    stream the crops leave behind changes its weights."""
+
+    name = "pixel-probe"
+    Config = ProbeConfig
+    decoded = True
+
+    def prepare(self, ctx):
+        torch.manual_seed(1)
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 8, stride=8), nn.Flatten(), nn.Dropout(0.3),
+                                 nn.Linear(4 * 8 * 8, len(ctx.dataset.closed_pairs)))
+
+    def train_dataset(self, ctx):
+        split = ctx.split("train")
+        return ctx.train_images(split) if self.decoded else split.dataset(ctx.backbone.preprocess_train)
+
+    def training_step(self, ctx, batch):
+        images, labels = batch[0], batch[1]
+        return F.cross_entropy(self.net(images), labels)
+
+    def score(self, ctx, split):
+        return torch.cat([self.net(images) for images, _, _ in ctx.eval_batches(split, 16)])
+
+
+def _fit(method_cls, toy, tiny, cache_root, decoded: bool, **trainer) -> tuple[dict, object]:
+    method = method_cls(ProbeConfig.defaults("synthetic"))
+    method.decoded = decoded
+    ctx = _ctx(toy, tiny, cache_root, method.config)
+    method.prepare(ctx)
+    fit = Trainer(device="cpu", seed=3, **trainer).fit(method, ctx)
+    return {k: v.clone() for k, v in method.state_dict().items()}, fit
+
+
+def test_training_on_decoded_images_equals_the_pil_path_bit_for_bit(toy, tiny, tmp_path):
+    pil, _ = _fit(PixelProbe, toy, tiny, None, decoded=False)
+    decoded, fit = _fit(PixelProbe, toy, tiny, tmp_path / "cache", decoded=True)
+    cached, _ = _fit(PixelProbe, toy, tiny, tmp_path / "cache", decoded=True)  # from the cache entry
+    memory, _ = _fit(PixelProbe, toy, tiny, None, decoded=True)  # no cache: decoded in memory
+    for other in (decoded, cached, memory):
+        assert other.keys() == pil.keys() and all(torch.equal(pil[k], other[k]) for k in pil)
+    assert fit.epochs == 2 and all(h.data_seconds > 0 and h.compute_seconds > 0 for h in fit.history)
+
+
+def test_eval_batches_equal_the_pil_path_on_the_embedded_world(tmp_path):
+    from czsl_bench.datasets.synthetic import plugin
+
+    world = plugin.load()
+    backbone = load_backbone("czsl-tiny-vit", "synthetic", device="cpu")
+    ctx = _ctx(world, backbone, tmp_path / "cache", eval_batch_size=128)
+    val = world.split("val")
+    got = [(images, labels, index) for images, labels, index in ctx.eval_batches(val)]
+    images = torch.cat([g[0] for g in got])
+    expected = torch.stack([val.dataset(backbone.preprocess_eval)[i][0] for i in range(len(val))])
+    assert images.shape == (len(val), 3, 64, 64) and torch.equal(images, expected)
+    assert torch.equal(torch.cat([g[1] for g in got]), val.labels)
+    assert torch.equal(torch.cat([g[2] for g in got]), torch.arange(len(val)))
+    assert isinstance(ctx.train_images(world.split("train")), DecodedSplit)
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_the_epoch_sampler_is_the_order_of_the_per_epoch_loader(seed):
+    n = 37
+    for epoch in (1, 2, 5):
+        loader = torch.utils.data.DataLoader(range(n), batch_size=1, shuffle=True,
+                                             generator=loader_generator(seed, epoch))
+        sampler = EpochSampler(n, seed)
+        sampler.set_epoch(epoch)
+        assert list(sampler) == [int(b) for b in loader]
+
+
+class _SlowItems(torch.utils.data.Dataset):
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        time.sleep(0.05)
+        return torch.ones(2), 0
+
+
+class _Linear(Method):
+    name = "linear-probe"
+    Config = ProbeConfig
+
+    def prepare(self, ctx):
+        self.net = nn.Linear(2, 1)
+
+    def train_dataset(self, ctx):
+        return _SlowItems()
+
+    def training_step(self, ctx, batch):
+        return self.net(batch[0]).pow(2).mean()
+
+    def score(self, ctx, split):
+        raise NotImplementedError
+
+
+class _Recorder:
+    def __init__(self):
+        self.descriptions: list[str] = []
+
+    @contextmanager
+    def task(self, description, total=None):
+        recorder = self
+
+        class Task:
+            def advance(self, n=1):
+                pass
+
+            def update(self, *, description=None, total=None):
+                if description is not None:
+                    recorder.descriptions.append(description)
+
+        yield Task()
+
+
+def test_an_input_bound_fit_records_the_wait_and_says_so():
+    progress = _Recorder()
+    method = _Linear(ProbeConfig(epochs=2, batch_size=2, lr=0.1, select_metric="last"))
+    method.prepare(None)
+    fit = Trainer(device="cpu", seed=0, progress=progress).fit(method, None)
+    for epoch in fit.history:
+        assert epoch.data_seconds > 0.25 > epoch.compute_seconds and epoch.data_share > 0.9
+    warnings = [d for d in progress.descriptions if "input-bound" in d]
+    assert len(warnings) == 2
+    assert "% of step time waiting for data; see docs/methods.md" in warnings[0]
+    assert fit.input_timings()["fit_data_wait"] > fit.input_timings()["fit_compute"]
+    assert set(fit.to_dict()["history"][0]) >= {"data_seconds", "compute_seconds"}
+
+
+def test_the_record_carries_data_wait_and_compute(tmp_path, monkeypatch):
+    import czsl_bench
+    from fixtures.toy_world import registered_toy_dataset
+
+    monkeypatch.setenv("CZSL_CACHE", str(tmp_path / "cache"))
+    with registered_toy_dataset(tmp_path / "toy"):
+        record = czsl_bench.run("csp", "toy", seed=0, results_dir=tmp_path / "results", progress=False,
+                                overrides=["epochs=1"])
+    timings = record.timings
+    assert timings["fit_data_wait"] >= 0 and timings["fit_compute"] > 0
+    assert timings["fit_data_wait"] + timings["fit_compute"] <= timings["fit"]
+    history = record.environment["training"]["history"]
+    assert history[0]["data_seconds"] >= 0 and history[0]["compute_seconds"] > 0
+
+
+def test_loader_settings_are_decided_in_one_place(monkeypatch):
+    monkeypatch.setattr(loading, "available_cores", lambda: 16)
+    assert loader_settings("cpu", 3, decodes=True).num_workers == 3  # an explicit count wins
+    assert loader_settings("cpu", 0, decodes=True).kwargs() == {"num_workers": 0, "pin_memory": False}
+    assert loader_settings("cpu", None, decodes=True).num_workers == 8  # cores - 1, at most 8
+    assert loader_settings("cpu", None, decodes=True, items=200).num_workers == 0  # a small job
+    assert loader_settings("cpu", None, decodes=False, pure=True).num_workers == 0  # indexing on the CPU
+    cuda = loader_settings("cuda", None, decodes=False, pure=True)
+    assert (cuda.num_workers, cuda.pin_memory, cuda.persistent_workers, cuda.prefetch_factor) == (4, True, True, 4)
+    impure = loader_settings("cuda", 2, decodes=True, pure=False)
+    assert impure.pin_memory and not impure.persistent_workers  # fresh, reseeded workers every epoch
+    assert not loader_settings("cuda", 2, decodes=False, pure=True, persistent=False).persistent_workers
+    monkeypatch.setattr(loading, "available_cores", lambda: 1)
+    assert loader_settings("cpu", None, decodes=True).num_workers == 0
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
+        loader_settings("cpu", -1, decodes=True)
+
+
+def test_run_workers_option_is_checked_before_anything_loads():
+    from czsl_bench.cli import cli
+
+    result = CliRunner().invoke(cli, ["run", "clip", "--dataset", "synthetic", "--workers", "many"])
+    assert result.exit_code == 2 and "'many' is not a worker count; pass 0, 1, 2, ... or auto" in result.output
