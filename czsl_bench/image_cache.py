@@ -174,13 +174,13 @@ class _DecodeFiles(torch.utils.data.Dataset):
 # ---------------------------------------------------------------------------------------------
 def split_parts(split: Any, dataset_version: str, preprocess: Mapping[str, Any]) -> dict[str, Any]:
     """The key parts of a split's decoded images (see the module docstring)."""
-    from czsl_bench.cache import image_list_hash
+    from czsl_bench.features import image_list_hash
 
     return {
         "kind": KIND,
         "dataset_version": str(dataset_version),
         "split": str(getattr(split, "name", "?")),
-        "images": image_list_hash(split.root, split.images),
+        "images": image_list_hash(split.root, split.images, getattr(split, "image_path", None)),
         "n": len(split.images),
         # what is stored: the decoded originals in the preprocessing's colour mode
         "policy": {"decode": "PIL.convert", "mode": str(preprocess.get("mode", "RGB")), "resize": "none"},

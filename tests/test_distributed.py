@@ -76,7 +76,8 @@ def _build(method_name: str, overrides: list[str], n_images: int):
     data = SimpleNamespace(attrs=ATTRS, objs=OBJS, train_pairs=TRAIN_PAIRS, split=lambda *a, **k: split)
     ctx = SimpleNamespace(dataset_name="tiny", dataset=data, backbone=backbone, config=cfg, seed=0,
                           device=torch.device("cpu"), split=lambda *a, **k: split, clean_name=clean_name,
-                          image_features=lambda s: s.features, num_workers=0)
+                          image_features=lambda s: s.features, num_workers=0,
+                          train_images=lambda s: s.dataset(backbone.preprocess_train))
     with torch.no_grad():
         method.prepare(ctx)
     return method, ctx
