@@ -14,6 +14,11 @@ resubmits the same cell, and requeues the job; the new run resumes from the Trai
 checkpoint, so its record equals an uninterrupted run's. A task killed without the signal
 (``scontrol requeue``, a node failure) resumes the same way.
 
+[ddp] With ``nproc_per_task = W > 1`` each array task is W Slurm tasks on one node, one DDP rank
+each (:func:`export_rank_env` turns Slurm's variables into torchrun's); the cells are planned with
+``world_size`` W (their ``ddp<W>`` records), rank 0 alone writes the status file and the record,
+and submitit checkpoints and requeues from rank 0 (docs/distributed.md, "Through Slurm").
+
 submitit is an optional dependency (``pip install czsl-bench[slurm]``); nothing here imports it
 before a submission.
 """
