@@ -376,8 +376,10 @@ def load_dataset(plugin: Any, data_root: str | Path | None = None) -> Any:
 
 
 def run_identity(method: str, config: Any, plugin: Any, dataset: Any, backbone: Any, arch: str,
-                 tag: str | None, setting: str, seed: int) -> Any:
-    """The :class:`~czsl_bench.identity.RunIdentity` of one run in one setting."""
+                 tag: str | None, setting: str, seed: int, world_size: int | None = None) -> Any:
+    """The :class:`~czsl_bench.identity.RunIdentity` of one run in one setting (``world_size``:
+    the processes that will train it, where a planner knows better than this process's
+    environment; None = this process's group)."""
     from czsl_bench.config import config_to_dict
     from czsl_bench.evaluation.metrics import PROTOCOL_VERSION
     from czsl_bench.identity import RunIdentity, weights_identity
@@ -387,7 +389,7 @@ def run_identity(method: str, config: Any, plugin: Any, dataset: Any, backbone: 
         backbone={"arch": arch, "pretrained": tag, "weights_hash": weights_identity(backbone.weights_hash, tag)},
         dataset={"name": plugin.name, "version": dataset.version}, setting=setting, seed=seed,
         protocol=PROTOCOL_VERSION, feasibility=plugin.feasibility if setting == "open" else None,
-        track=_method_track(method), world_size=_world_size(method), method_version=_method_version(method),
+        track=_method_track(method), world_size=_world_size(method, world_size), method_version=_method_version(method),
         inputs=_method_inputs(method, config, dataset))
 
 
@@ -407,14 +409,16 @@ def _method_version(method: str) -> str:
     return str(getattr(METHODS.get(method), "version", "1"))
 
 
-def _world_size(method: str) -> int:
-    """[ddp] Processes that train the run together; 1 for a method that does not train (it has
-    nothing to split: every rank would compute the one single-process result)."""
+def _world_size(method: str, planned: int | None = None) -> int:
+    """[ddp] Processes that train the run together (``planned``, else this process's group); 1 for
+    a method that does not train (it has nothing to split: every rank would compute the one
+    single-process result)."""
     from czsl_bench import distributed
     from czsl_bench.registry import METHODS
 
     cls = METHODS.get(method)
-    return distributed.world_size() if cls.training_step is not _base_training_step() else 1
+    world = distributed.world_size() if planned is None else planned
+    return world if cls.training_step is not _base_training_step() else 1
 
 
 def _method_track(method: str) -> str:
@@ -638,11 +642,15 @@ class CellPlan:
         return all(self.existing.values())
 
 
-def identify(specs: Sequence[RunSpec], opts: RunOptions, loaded: dict[Any, Any] | None = None) -> list[CellPlan]:
+def identify(specs: Sequence[RunSpec], opts: RunOptions, loaded: dict[Any, Any] | None = None,
+             world_size: int | None = None) -> list[CellPlan]:
     """The :class:`CellPlan` of each spec, as :func:`execute` would compute it, without running:
     each dataset and backbone is loaded once (on the CPU: the weights hash does not depend on the
     device), so planning a grid costs one load per dataset and backbone, not one per cell.
-    ``loaded`` keeps those loads across calls (an ablation grid plans one call per point)."""
+    ``loaded`` keeps those loads across calls (an ablation grid plans one call per point).
+    ``world_size``: [ddp] the processes each run will train on (the Slurm executor's
+    ``--nproc-per-task``; None = this process's group); above 1, a method that does not train or
+    a ``batch_size`` not divisible by it is a :class:`ValueError` (one line)."""
     from czsl_bench.records import find_existing, record_path
     from czsl_bench.registry import METHODS
 
@@ -661,10 +669,12 @@ def identify(specs: Sequence[RunSpec], opts: RunOptions, loaded: dict[Any, Any] 
         arch, tag = default_backbone(plugin, opts.backbone, opts.pretrained)
         if (arch, tag) not in backbones:
             backbones[(arch, tag)] = _load_backbone(arch, tag, "cpu")
-        identities = {s: run_identity(spec.method, resolved.config, plugin, datasets[spec.dataset],
-                                      backbones[(arch, tag)], arch, tag, s, spec.seed)
-                      for s in spec.settings}
         trains = method_cls.training_step is not _base_training_step()
+        if world_size is not None and world_size > 1:
+            _check_world(spec.method, trains, resolved.config, world_size)
+        identities = {s: run_identity(spec.method, resolved.config, plugin, datasets[spec.dataset],
+                                      backbones[(arch, tag)], arch, tag, s, spec.seed, world_size)
+                      for s in spec.settings}
         checkpoint = (_checkpoint_dir(opts, spec, training_fingerprint(identities[spec.settings[0]]))
                       if trains else None)
         plans.append(CellPlan(
@@ -674,6 +684,18 @@ def identify(specs: Sequence[RunSpec], opts: RunOptions, loaded: dict[Any, Any] 
                       for s, i in identities.items()},
             checkpoint=checkpoint))
     return plans
+
+
+def _check_world(method: str, trains: bool, config: Any, world: int) -> None:
+    """[ddp] A run planned on ``world`` processes must train and split its global batch evenly."""
+    if not trains:
+        raise ValueError(f"{method} does not train, so it has nothing to split over {world} processes; "
+                         "run it with --nproc-per-task 1 (in a sweep of its own)")
+    batch = getattr(config, "batch_size", None)
+    if isinstance(batch, int) and batch % world:
+        raise ValueError(f"{method}: batch_size {batch} is the global batch of a run on {world} processes and "
+                         f"must be divisible by {world}; choose e.g. --set batch_size="
+                         f"{max(world, batch - batch % world)}")
 
 
 def _base_training_step() -> Any:

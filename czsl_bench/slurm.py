@@ -14,6 +14,11 @@ resubmits the same cell, and requeues the job; the new run resumes from the Trai
 checkpoint, so its record equals an uninterrupted run's. A task killed without the signal
 (``scontrol requeue``, a node failure) resumes the same way.
 
+[ddp] With ``nproc_per_task = W > 1`` each array task is W Slurm tasks on one node, one DDP rank
+each (:func:`export_rank_env` turns Slurm's variables into torchrun's); the cells are planned with
+``world_size`` W (their ``ddp<W>`` records), rank 0 alone writes the status file and the record,
+and submitit checkpoints and requeues from rank 0 (docs/distributed.md, "Through Slurm").
+
 submitit is an optional dependency (``pip install czsl-bench[slurm]``); nothing here imports it
 before a submission.
 """
@@ -56,7 +61,9 @@ class SlurmConfig:
     partition: str | None = None
     time: int = field(default=60, metadata={"alias": "timeout_min"})  # minutes per task
     gpus: int = field(default=0, metadata={"alias": "gpus_per_node"})
-    cpus: int = field(default=4, metadata={"alias": "cpus_per_task"})
+    cpus: int = field(default=4, metadata={"alias": "cpus_per_task"})  # per rank when nproc_per_task > 1
+    # [ddp] processes (DDP ranks) that train each cell together: one Slurm task per rank, one node
+    nproc_per_task: int = field(default=1, metadata={"alias": "ntasks_per_node"})
     mem: str | None = None  # sbatch syntax: 16G, 32000M
     max_parallel: int | None = field(default=None, metadata={"alias": "array_parallelism"})
     account: str | None = None
@@ -78,6 +85,11 @@ class SlurmConfig:
                 raise SlurmError(f"{name} is {getattr(self, name)}; it must be >= 0")
         if self.cpus < 1:
             raise SlurmError("cpus is 0; a task needs at least one CPU (--cpus 4)")
+        if self.nproc_per_task < 1:
+            raise SlurmError(f"nproc_per_task is {self.nproc_per_task}; it must be >= 1 (--nproc-per-task 2)")
+        if self.nproc_per_task > 1 and self.gpus and self.gpus != self.nproc_per_task:
+            raise SlurmError(f"--nproc-per-task {self.nproc_per_task} with --gpus {self.gpus}: each rank uses one GPU, "
+                             f"so give --gpus {self.nproc_per_task} (or --gpus 0 for CPU ranks on gloo)")
         if self.max_parallel is not None and self.max_parallel < 1:
             raise SlurmError(f"max_parallel is {self.max_parallel}; it must be >= 1 (--max-parallel 8)")
         if self.mem is not None and not _MEM_RE.match(str(self.mem)):
@@ -105,6 +117,10 @@ class SlurmConfig:
             "signal_delay_s": self.signal_delay, "stderr_to_stdout": True,  # one log per task
             "array_parallelism": min(self.max_parallel or n_tasks, max(n_tasks, 1)),
         }
+        if self.nproc_per_task > 1:
+            # [ddp] one Slurm task per rank, all on one node (CellTask reads its rank from SLURM_*)
+            params["nodes"] = 1
+            params["ntasks_per_node"] = self.nproc_per_task
         if self.gpus:
             params["gpus_per_node"] = self.gpus
         for name in ("partition", "account", "qos", "constraint"):
@@ -390,8 +406,11 @@ class CellTask(_checkpointable()):
         sweep = Sweep.load(sweep_dir)
         cell = sweep.cells[index]
         _limit_threads()
-        write_status(sweep.dir, index, state="running", started=time.time(), ended=None, error=None,
-                     cell=cell.describe(), **ids)
+        world = export_rank_env()  # [ddp] W > 1: this task is one rank of the cell's run
+        main = int(os.environ.get("RANK", "0")) == 0
+        status = write_status if main else (lambda *a, **k: None)  # [ddp] rank 0's file alone
+        status(sweep.dir, index, state="running", started=time.time(), ended=None, error=None,
+               cell=cell.describe(), world_size=world, **ids)
         provenance = {"executor": {
             "kind": "slurm", "command": sweep.command, "config": sweep.executor, "sweep": sweep.id,
             "cell": index, "job_id": ids["slurm_job_id"], "array_job_id": ids["array_job_id"],
@@ -400,15 +419,35 @@ class CellTask(_checkpointable()):
             outcome = api.execute(sweep.spec(cell), sweep.run_options(cell, provenance))
         except BaseException:
             # submitit's signal handler exits here after requeueing (or the task was killed)
-            write_status(sweep.dir, index, state="interrupted", ended=time.time())
+            status(sweep.dir, index, state="interrupted", ended=time.time())
             raise
         if outcome.error is not None:
-            write_status(sweep.dir, index, state="failed", ended=time.time(), error=outcome.error)
+            status(sweep.dir, index, state="failed", ended=time.time(), error=outcome.error)
             raise api.RunError(f"{sweep.spec(cell).describe()} failed: {outcome.error}")
-        write_status(sweep.dir, index, state="done", ended=time.time(), skipped=outcome.skipped,
+        status(sweep.dir, index, state="done", ended=time.time(), skipped=outcome.skipped,
                      records=[str(getattr(r, "source_path", "")) for r in outcome.records] if outcome.skipped
                      else list(cell.records.values()))
         return {"cell": index, "skipped": outcome.skipped, "seconds": outcome.seconds}
+
+
+def export_rank_env(environ: dict[str, str] | None = None) -> int:
+    """[ddp] Under ``ntasks_per_node = W > 1`` (``--nproc-per-task W``) each Slurm task is one rank:
+    set the variables torchrun would (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT) from Slurm's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_ID), so that
+    :func:`czsl_bench.distributed.init` joins the ranks into one group. The ranks share one node
+    (``nodes = 1``), so the rendezvous is on 127.0.0.1 at a port drawn from the job id (array tasks
+    are jobs of their own; ``CZSL_MASTER_PORT`` fixes it). Returns W (1: nothing set)."""
+    env = os.environ if environ is None else environ
+    world = int(env.get("SLURM_NTASKS") or 1)
+    if world <= 1:
+        return 1
+    job = int(env.get("SLURM_JOB_ID") or 0)
+    values = {"RANK": env.get("SLURM_PROCID", "0"), "WORLD_SIZE": str(world),
+              "LOCAL_RANK": env.get("SLURM_LOCALID", env.get("SLURM_PROCID", "0")),
+              "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": env.get("CZSL_MASTER_PORT") or str(20000 + job % 30000)}
+    env.update(values)
+    return world
 
 
 def _limit_threads() -> None:

@@ -8,7 +8,9 @@ The scenarios, on the synthetic world with the cheapest trained settings:
 * a 2 methods x 2 seeds sweep completes and its records equal local runs;
 * a task requeued mid-training (first by submitit's checkpoint signal, then by `scontrol requeue`)
   resumes from its checkpoint and ends with the uninterrupted record;
-* a failing task shows its error in `czsl-bench jobs`, and `jobs resubmit` fills the gap.
+* a failing task shows its error in `czsl-bench jobs`, and `jobs resubmit` fills the gap;
+* a cell trained with DDP on 2 ranks per task (`--nproc-per-task 2`, gloo) gives the record of a
+  local `torchrun --nproc-per-node 2` run of the same cell.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ SWEEP = ["coop,csp", "--dataset", "synthetic", "--seed", "0,1", "--set", "epochs
 SLURM = ["--executor", "slurm", "--cpus", "1", "--time", "20"]
 # fields that say where, when and how fast a run went, not what it computed
 _VOLATILE_TRAINING = ("resumed_from",)
-_VOLATILE_EPOCH = ("seconds",)
+_VOLATILE_EPOCH = ("seconds", "data_seconds", "compute_seconds")
 
 
 def _slurm_answers() -> str | None:
@@ -233,3 +235,34 @@ def test_a_requeued_task_resumes_from_its_checkpoint(cluster, env, tmp_path):
 
     czsl(env, "run", *cell_args, "--results-dir", local)
     assert comparable(path) == comparable(local / Path(path).relative_to(results))
+
+
+def test_a_cell_on_two_ranks_per_task_equals_a_local_torchrun_run(cluster, env, tmp_path):
+    """[ddp] `--nproc-per-task 2`: two Slurm tasks (one CPU each) are the two gloo ranks of one run;
+    its ddp2 record equals the one `torchrun --nproc-per-node 2` writes for the same cell."""
+    results, local = tmp_path / "results", tmp_path / "local"
+    cell_args = ["csp", "--dataset", "synthetic", "--seed", "0", "--set", "epochs=2", "--set", "batch_size=8",
+                 "--device", "cpu", "-q"]
+    started = time.monotonic()
+    out = czsl(env, "run", *cell_args, *SLURM, "--nproc-per-task", "2", "--no-probe", "--results-dir", results)
+    assert "2 DDP ranks each" in out.stderr
+    done = czsl(env, "jobs", "--results-dir", results, "--wait", "--timeout", "600", check=False)
+    seconds = time.monotonic() - started
+    info = sweep_of(results)
+    log = Path(info["submissions"][0]["logs"][0])
+    assert done.returncode == 0, done.stdout + (log.read_text() if log.exists() else "")
+    (cell,) = info["cells"]
+    (path,) = cell["records"].values()
+    assert "/ddp2/" in path
+    record = json.loads(Path(path).read_text())
+    assert record["identity"]["world_size"] == 2 and record["fingerprint"] == cell["fingerprints"]["closed"]
+    status = json.loads((results / ".sweeps" / info["id"] / "tasks" / "0.json").read_text())
+    assert status["state"] == "done" and status["world_size"] == 2
+
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2",
+                "-m", "czsl_bench", "run", *cell_args, "--results-dir", str(local)]
+    ran = subprocess.run(torchrun, capture_output=True, text=True, env=env, timeout=900)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    twin = local / Path(path).relative_to(results)
+    assert comparable(path) == comparable(twin)
+    print(f"\nDDP cell (2 ranks) on Slurm: {seconds:.0f} s from submission to the record")

@@ -236,3 +236,83 @@ def test_expected_seeds_read_the_sweeps_under_the_results(tmp_path):
     (tmp_path / ".sweeps" / "broken").mkdir()
     (tmp_path / ".sweeps" / "broken" / "sweep.json").write_text("{")
     assert expected_seeds(tmp_path) == {"g": {0, 1, 2}}
+
+
+# -- several processes per task (DDP) ------------------------------------------------------------
+
+
+def test_nproc_per_task_is_one_slurm_task_per_rank_on_one_node(tmp_path):
+    path = tmp_path / "slurm.yaml"
+    path.write_text("nproc-per-task: 2\ngpus: 2\n")
+    cfg = slurm.load_config(path)
+    assert cfg.nproc_per_task == 2
+    params = cfg.submitit_parameters(3)
+    assert params["ntasks_per_node"] == 2 and params["nodes"] == 1 and params["gpus_per_node"] == 2
+    assert "ntasks_per_node" not in slurm.SlurmConfig().submitit_parameters(3)
+    assert slurm.load_config(ntasks_per_node=4).nproc_per_task == 4  # the sbatch/submitit alias
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(nproc_per_task=0), "nproc_per_task is 0"),
+    (dict(nproc_per_task=2, gpus=1), "each rank uses one GPU, so give --gpus 2"),
+])
+def test_bad_rank_settings_are_one_line(kwargs, message):
+    with pytest.raises(slurm.SlurmError, match=message) as err:
+        slurm.SlurmConfig(**kwargs).validate()
+    assert "\n" not in str(err.value)
+
+
+def test_a_task_exports_torchrun_variables_from_slurms():
+    env = {"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "1234"}
+    assert slurm.export_rank_env(env) == 2
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"], env["MASTER_PORT"]) == \
+        ("1", "2", "1", "127.0.0.1", "21234")
+    single = {"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}
+    assert slurm.export_rank_env(single) == 1 and "WORLD_SIZE" not in single
+
+
+def test_dry_run_with_ranks_plans_ddp_fingerprints_and_shows_them(tmp_path):
+    results = tmp_path / "results"
+    args = [*PLANNED, "--results-dir", str(results), "--executor", "slurm", "--dry-run"]
+    single = CliRunner().invoke(cli, args)
+    ddp = CliRunner().invoke(cli, [*args, "--nproc-per-task", "2", "--set", "batch_size=8"])
+    assert single.exit_code == 0 and ddp.exit_code == 0, ddp.output
+    assert "DDP on 2 processes" in ddp.output and "#SBATCH --ntasks-per-node=2" in ddp.output
+    assert "/ddp2/seed1.json" in ddp.output and "/ddp2/" not in single.output
+    assert "--ntasks-per-node=2" not in single.output
+
+    # the planner's fingerprint is the one a run on 2 processes computes (WORLD_SIZE=2, as torchrun sets it)
+    from czsl_bench import api
+
+    spec = api.RunSpec("csp", "synthetic", 0, ("closed",))
+    opts = api.RunOptions(overrides=["epochs=1", "batch_size=8"], results_dir=str(results))
+    (planned,) = api.identify([spec], opts, world_size=2)
+    os.environ["WORLD_SIZE"] = "2"
+    try:
+        (env_plan,) = api.identify([spec], opts)
+    finally:
+        del os.environ["WORLD_SIZE"]
+    (alone,) = api.identify([spec], opts)
+    assert planned.identities["closed"].world_size == 2
+    assert planned.identities["closed"].fingerprint == env_plan.identities["closed"].fingerprint
+    assert planned.identities["closed"].fingerprint != alone.identities["closed"].fingerprint
+    assert planned.checkpoint != alone.checkpoint
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "clip", "--dataset", "synthetic", "--nproc-per-task", "2"], "clip does not train"),
+    ([*PLANNED, "--nproc-per-task", "3", "--set", "batch_size=8"], "batch_size 8 is the global batch of a run on 3"),
+])
+def test_ranks_for_a_cell_that_cannot_take_them_are_one_line(tmp_path, args, message):
+    result = CliRunner().invoke(cli, [*args, "--results-dir", str(tmp_path / "r"), "--executor", "slurm", "--dry-run"])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_resubmit_keeps_the_sweeps_world_size(tmp_path):
+    results = tmp_path / "results"
+    sweep = _sweep(results / ".sweeps" / "20261124-100000-ab12", n=2)
+    sweep.executor = {**sweep.executor, "nproc_per_task": 2}
+    sweep.save()
+    result = CliRunner().invoke(cli, ["jobs", "resubmit", "--results-dir", str(results), "--dry-run",
+                                      "--nproc-per-task", "1"])
+    assert result.exit_code == 2 and "planned with --nproc-per-task 2" in result.output

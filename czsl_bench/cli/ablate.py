@@ -122,7 +122,12 @@ def _submit(method, dataset, seed, setting, trained, overrides, results_dir, bac
         specs, missing = api.plan(point.method, dataset, seed, setting, data_root)
         for name, how in missing.items():
             raise click.ClickException(f"dataset {name} is not on disk; {how}")
-        for plan in api.identify(specs, api.RunOptions(**base, ablation=point.ablation), loaded):
+        try:
+            planned = api.identify(specs, api.RunOptions(**base, ablation=point.ablation), loaded,
+                                   world_size=cfg.nproc_per_task)  # [ddp] ddp<W> fingerprints
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        for plan in planned:
             plans.append((plan, point.ablation, point.name if point.name != point.method else point.method))
     submit_sweep(plans, api.RunOptions(**base), cfg, "ablate", slurm["dry_run"])
     click.echo(f"when it has ended: czsl-bench ablate {method} --dataset {dataset} --seed "

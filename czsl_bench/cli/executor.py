@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-SLURM_FIELDS = ("partition", "time", "gpus", "cpus", "mem", "max_parallel", "sbatch")
+SLURM_FIELDS = ("partition", "time", "gpus", "cpus", "mem", "max_parallel", "nproc_per_task", "sbatch")
 
 
 def _time(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -31,7 +31,10 @@ def slurm_options(func: Any) -> Any:
         click.option("--time", "time_limit", default=None, callback=_time, metavar="MIN|HH:MM:SS",
                      help="Time limit of each task [default: 60 min]."),
         click.option("--gpus", type=int, default=None, help="GPUs per task [default: 0]."),
-        click.option("--cpus", type=int, default=None, help="CPUs per task [default: 4]."),
+        click.option("--cpus", type=int, default=None, help="CPUs per task (per rank) [default: 4]."),
+        click.option("--nproc-per-task", type=int, default=None, metavar="W",
+                     help="Train each cell with DDP on W processes (W Slurm tasks on one node, one GPU "
+                          "each with --gpus W) [default: 1]; docs/distributed.md."),
         click.option("--mem", default=None, metavar="16G", help="Memory per task (sbatch syntax)."),
         click.option("--max-parallel", type=int, default=None, metavar="N",
                      help="At most N tasks of the array run at once [default: all]."),
@@ -55,13 +58,15 @@ def executor_options(func: Any) -> Any:
 
 def slurm_config(slurm_config_file: str | None, partition: str | None, time_limit: int | None,
                  gpus: int | None, cpus: int | None, mem: str | None, max_parallel: int | None,
-                 sbatch_options: tuple[str, ...], no_probe: bool = False, base: dict | None = None) -> Any:
+                 sbatch_options: tuple[str, ...], no_probe: bool = False, base: dict | None = None,
+                 nproc_per_task: int | None = None) -> Any:
     """The :class:`~czsl_bench.slurm.SlurmConfig`: defaults (or ``base``, a sweep's) < file < options."""
     from czsl_bench.slurm import SlurmError, load_config
 
     try:
         cfg = load_config(slurm_config_file, base=base, partition=partition, time=time_limit, gpus=gpus,
-                          cpus=cpus, mem=mem, max_parallel=max_parallel, sbatch=list(sbatch_options) or None)
+                          cpus=cpus, mem=mem, max_parallel=max_parallel, nproc_per_task=nproc_per_task,
+                          sbatch=list(sbatch_options) or None)
     except SlurmError as exc:
         raise click.UsageError(str(exc)) from None
     if no_probe:
@@ -72,7 +77,7 @@ def slurm_config(slurm_config_file: str | None, partition: str | None, time_limi
 def slurm_settings(options: dict[str, Any]) -> dict[str, Any]:
     """The :func:`slurm_config` arguments among a command's keyword options."""
     names = ("slurm_config_file", "partition", "time_limit", "gpus", "cpus", "mem", "max_parallel",
-             "sbatch_options", "no_probe")
+             "sbatch_options", "no_probe", "nproc_per_task")
     return {name: options[name] for name in names}
 
 
@@ -110,7 +115,8 @@ def submit_sweep(plans: list[tuple[Any, str | None, str]], opts: Any, cfg: Any, 
         for index in todo:
             cell = sweep.cells[index]
             fps = ", ".join(f"{s} {fp[:8]}" for s, fp in cell.fingerprints.items())
-            click.echo(f"task {todo.index(index)}: {cell.describe()} ({fps}) -> {next(iter(cell.records.values()))}")
+            ranks = f", DDP on {cfg.nproc_per_task} processes" if cfg.nproc_per_task > 1 else ""
+            click.echo(f"task {todo.index(index)}: {cell.describe()} ({fps}{ranks}) -> {next(iter(cell.records.values()))}")
         if todo:
             click.echo(slurm.preview(sweep, todo, cfg), nl=False)
         click.echo("dry run: nothing submitted", err=True)
@@ -128,6 +134,7 @@ def submit_sweep(plans: list[tuple[Any, str | None, str]], opts: Any, cfg: Any, 
         raise click.ClickException(str(exc)) from None
     array = sub.jobs[0].split("_")[0]
     click.echo(f"submitted job {array}: {len(todo)} task(s), at most {cfg.max_parallel or len(todo)} at once"
+               + (f", {cfg.nproc_per_task} DDP ranks each" if cfg.nproc_per_task > 1 else "")
                + (f", partition {cfg.partition}" if cfg.partition else ""), err=True)
     click.echo(f"follow it: czsl-bench jobs --results-dir {opts.results_dir} --sweep {sweep.id}")
 

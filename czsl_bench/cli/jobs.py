@@ -111,6 +111,11 @@ def resubmit(results_dir: Path, sweep_name: str | None, **options) -> None:
     sweep = find_sweep(results_dir, sweep_name)
     settings = slurm_settings(options)
     cfg = slurm_config(**settings, base=sweep.executor)
+    planned = int(sweep.executor.get("nproc_per_task", 1) or 1)
+    if cfg.nproc_per_task != planned:  # [ddp] the cells' fingerprints carry world_size = W
+        raise click.UsageError(f"sweep {sweep.id} was planned with --nproc-per-task {planned} (its records are "
+                               f"ddp{planned} records); resubmit it with that, or start a new sweep with "
+                               f"`czsl-bench run ... --nproc-per-task {cfg.nproc_per_task}`")
     queue = slurm.sweep_queue(sweep)
     if queue is None and not options["dry_run"]:
         raise click.ClickException("squeue is not available: without the queue a running task would look "

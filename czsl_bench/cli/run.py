@@ -110,7 +110,10 @@ def run(methods, dataset, seed, setting, backbone, pretrained, overrides, config
         from czsl_bench.cli.executor import slurm_config, submit_sweep
 
         cfg = slurm_config(**slurm_settings(slurm))
-        plans = api.identify(specs, opts)
+        try:
+            plans = api.identify(specs, opts, world_size=cfg.nproc_per_task)  # [ddp] ddp<W> fingerprints
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
         submit_sweep([(p, ablation, p.spec.method) for p in plans], opts, cfg, "run", slurm["dry_run"])
         return
 
