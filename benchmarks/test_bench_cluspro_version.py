@@ -52,13 +52,19 @@ def version_1():
     """ClusPro as it was at version 1 (its own clustering module, nothing shared with today's)."""
     clustering = _git_show("methods/clustering.py")
     cluspro = _git_show("methods/cluspro.py").replace(
-        "from czsl_bench.methods import clustering as cl", "import _cluspro_v1_clustering as cl")
-    assert "_cluspro_v1_clustering" in cluspro
+        "from czsl_bench.methods import clustering as cl", "import _cluspro_v1_clustering as cl").replace(
+        "from czsl_bench.methods.three_path import", "from _cluspro_v1_three_path import")
+    assert "_cluspro_v1_clustering" in cluspro and "_cluspro_v1_three_path" in cluspro
     _load("_cluspro_v1_clustering", clustering)
+    # version 1 imported the model parts from three_path.py; they live in three_path_model.py now
+    _load("_cluspro_v1_three_path", "from czsl_bench.methods.three_path import *\n"
+          "from czsl_bench.methods.three_path import VariantDefault, VFloat, VInt\n"
+          "from czsl_bench.methods.three_path_model import *\n")
     module = _load("_cluspro_v1", cluspro)
     yield module.ClusPro
     sys.modules.pop("_cluspro_v1", None)
     sys.modules.pop("_cluspro_v1_clustering", None)
+    sys.modules.pop("_cluspro_v1_three_path", None)
 
 
 def test_version_2_step_cost(benchmark, version_1):
