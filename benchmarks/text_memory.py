@@ -12,7 +12,7 @@ before it (``resource.getrusage`` maxrss vs ``/proc/self/statm``): the memory th
 needs on top of the weights. ``tracemalloc`` would not see torch's allocations.
 
 C-GQA's training vocabulary is 5,592 seen pairs + 413 attributes + 674 objects = 6,679 prompts per
-step (/work/shared/data/splits/cgqa). On a CPU a full ViT-L-14 pass over all of them takes
+step (the C-GQA split files, docs/datasets.md). On a CPU a full ViT-L-14 pass over all of them takes
 minutes, so by default it measures at ``--sizes`` prompts and extrapolates linearly (the saved
 activations grow with the number of prompts; a fit of two sizes gives the per-prompt slope).
 ``--image-batch B`` measures the image side instead: B images at 224 px through the visual tower

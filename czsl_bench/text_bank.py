@@ -186,17 +186,21 @@ def load_text_bank(path: str | Path) -> TextBank:
     return TextBank(entries, str(path), digest, layout)
 
 
-def bank_from_mapping(mapping: dict[Pair, Iterable[str]] | None, path: str | Path | None = None) -> TextBank | None:
+def bank_from_mapping(mapping: dict[Pair, Iterable[str]] | None, path: str | Path | None = None,
+                      label: str | None = None) -> TextBank | None:
     """A bank from an in-memory ``{(attr, obj): [texts]}`` (e.g. ``CZSLDataset.descriptions``).
 
-    ``path`` names the file it was read from, so the record can carry its content hash."""
+    ``path`` names the file it was read from, so the record can carry its content hash; ``label``
+    is what the bank is called in records instead of that path (a dataset's own bank lives in a
+    machine-specific cache: ``dataset:<name>/descriptions.json`` says the same on every machine)."""
     if mapping is None:
         return None
     entries = {(str(a), str(o)): tuple(str(t) for t in texts) for (a, o), texts in mapping.items()}
     digest = None
     if path is not None and Path(path).is_file():
         digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return TextBank(entries, str(path) if path is not None else None, digest, "json" if path else "memory")
+    name = label or (str(path) if path is not None else None)
+    return TextBank(entries, name, digest, "json" if path else "memory")
 
 
 def _pair_key(key: str, path: Path) -> Pair:
@@ -344,5 +348,6 @@ def bank_for(source: str, dataset: Any, fix: str = "pass --set text_bank=PATH") 
         if not descriptions:
             raise ValueError(f"{getattr(dataset, 'name', 'this dataset')} ships no descriptions.json; {fix}")
         path = Path(getattr(dataset, "root", ".")) / "descriptions.json"
-        return bank_from_mapping(descriptions, path if path.is_file() else None)
+        label = f"dataset:{getattr(dataset, 'name', '?')}/descriptions.json"
+        return bank_from_mapping(descriptions, path if path.is_file() else None, label)
     return load_text_bank(source)

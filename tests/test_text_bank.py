@@ -8,6 +8,8 @@ import json
 import os
 import pickle
 
+from types import SimpleNamespace
+
 import pytest
 from click.testing import CliRunner
 
@@ -128,3 +130,18 @@ def test_plid_cleaning_rules_and_the_fallback_count():
     # an in-memory bank's identity is a hash of its entries, independent of their order
     other = TextBank({("old", "car"): ("!!!!!",), ("red", "apple"): ("a red apple.",)})
     assert bank_digest(bank) == bank_digest(other) != bank_digest(TextBank({("red", "apple"): ("a red apple",)}))
+
+
+def test_a_datasets_own_bank_is_named_the_same_on_every_machine(tmp_path):
+    """Records are committed: the bank of ``text_bank=dataset`` is named by dataset, not by the
+    cache folder it happens to live in, and still carries the file's content hash."""
+    from czsl_bench.text_bank import bank_for
+
+    root = write_toy_world(tmp_path / "toy")
+    (root / "descriptions.json").write_text('{"red circle": ["a red round disk"]}')
+    ds = SimpleNamespace(name="toy", root=root, descriptions={("red", "circle"): ["a red round disk"]})
+    bank = bank_for("dataset", ds)
+    assert bank.path == "dataset:toy/descriptions.json" and str(tmp_path) not in bank.describe()["path"]
+    assert bank.sha256 == hashlib.sha256((root / "descriptions.json").read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match="ships no descriptions.json; pass a bank"):
+        bank_for("dataset", SimpleNamespace(name="toy", root=root, descriptions=None), "pass a bank")

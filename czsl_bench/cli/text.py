@@ -26,19 +26,14 @@ def info(bank: str, dataset: str, data_root: str | None, as_json: bool) -> None:
       czsl-bench text info dataset --dataset synthetic
       czsl-bench text info descriptors.jsonl --dataset mit-states
     """
-    from pathlib import Path
-
     from czsl_bench import api
-    from czsl_bench.text_bank import bank_from_mapping, coverage, load_text_bank
+    from czsl_bench.text_bank import bank_for, coverage
 
     ds = api.load_dataset(dataset, data_root)
-    if bank == "dataset":
-        path = Path(ds.root) / "descriptions.json"
-        if not getattr(ds, "descriptions", None):
-            raise click.ClickException(f"{dataset} ships no descriptions.json; pass a bank file instead")
-        loaded = bank_from_mapping(ds.descriptions, path if path.is_file() else None)
-    else:
-        loaded = load_text_bank(bank)
+    try:
+        loaded = bank_for(bank, ds, "pass a bank file instead")
+    except ValueError as exc:  # TextBankError is one too
+        raise click.ClickException(str(exc)) from None
     cov = coverage(loaded, ds)
     if as_json:
         click.echo(json.dumps(cov, indent=2, sort_keys=True))
