@@ -38,17 +38,17 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from czsl_bench.cache import CacheEntry, default_cache_root
 from czsl_bench.atomic import atomic_file, atomic_write_text
 from czsl_bench.hashing import canonical_json, sha256_file
 
-__all__ = ["DecodedImages", "IMAGE_CACHE_FORMAT", "ImageCache", "ImageEntry", "decode_split", "split_parts"]
+__all__ = ["DecodedImages", "IMAGE_CACHE_FORMAT", "ImageCache", "decode_split", "split_parts"]
 
 log = logging.getLogger(__name__)
 
@@ -188,25 +188,10 @@ def split_parts(split: Any, dataset_version: str, preprocess: Mapping[str, Any])
     }
 
 
-@dataclass(frozen=True)
-class ImageEntry:
-    """One entry, as ``czsl-bench cache ls`` shows it."""
-
-    key: str
-    path: Path
-    kind: str
-    size_bytes: int
-    created: str
-    parts: dict
-    meta: dict
-
-
 class ImageCache:
     """Content-addressed store of decoded splits under ``<root>/images`` (module docstring)."""
 
     def __init__(self, root: str | os.PathLike | None = None):
-        from czsl_bench.cache import default_cache_root
-
         self.root = Path(root).expanduser() if root is not None else default_cache_root()
 
     @staticmethod
@@ -300,9 +285,9 @@ class ImageCache:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     # ---- listing and removal -------------------------------------------------------------------
-    def entries(self) -> list[ImageEntry]:
+    def entries(self) -> list[CacheEntry]:
         """Complete entries, newest first (their indexes only; shards are not read)."""
-        out: list[ImageEntry] = []
+        out: list[CacheEntry] = []
         if not self.images_dir.is_dir():
             return out
         for index_path in self.images_dir.glob(f"*/*/{INDEX}"):
@@ -313,7 +298,7 @@ class ImageCache:
             except (OSError, ValueError):  # list damaged entries too, so that clear can remove them
                 parts, meta, created = {}, {"error": "unreadable"}, "?"
             size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-            out.append(ImageEntry(key=folder.name, path=folder, kind=KIND, size_bytes=size, created=created,
+            out.append(CacheEntry(key=folder.name, path=folder, kind=KIND, size_bytes=size, created=created,
                                   parts=parts, meta={**meta, "split": parts.get("split", meta.get("split", "?")),
                                                      "n": parts.get("n", "?")}))
         out.sort(key=lambda e: e.created, reverse=True)

@@ -76,13 +76,17 @@ class PairTexts:
 
 
 def resolve_pair_texts(bank: TextBank | None, pairs: Sequence[Pair], fallback: str = DEFAULT_FALLBACK,
-                       clean=lambda n: n) -> PairTexts:
-    """Sentences for each pair of ``pairs``; pairs the bank lacks get ``fallback`` (one sentence)."""
+                       clean=lambda n: n, select=None) -> PairTexts:
+    """Sentences for each pair of ``pairs``; pairs the bank lacks get ``fallback`` (one sentence).
+
+    ``select`` filters a pair's sentences (default: drop blank ones); a pair left with none takes
+    the fallback too, and is counted."""
     if "{attr}" not in fallback or "{obj}" not in fallback:
         raise TextBankError(f"fallback sentence {fallback!r} must contain {{attr}} and {{obj}}")
+    select = select or (lambda found: [t for t in found if t.strip()])
     texts, used, missing = [], [], []
     for a, o in pairs:
-        found = [t for t in (bank.texts((a, o)) if bank is not None else ()) if t.strip()]
+        found = select(bank.texts((a, o))) if bank is not None else []
         if found:
             texts.append(found)
             used.append(False)
@@ -94,7 +98,7 @@ def resolve_pair_texts(bank: TextBank | None, pairs: Sequence[Pair], fallback: s
 
 
 # ---------------------------------------------------------------------------------------------
-# Cleaning (PLID's rules, spec-baselines §4.3)
+# Cleaning (PLID's rules, docs/plid.md)
 # ---------------------------------------------------------------------------------------------
 MAX_WORDS = 20
 MAX_WORD_CHARS = 30
@@ -125,19 +129,7 @@ def clean_pair_texts(bank: TextBank | None, pairs: Sequence[Pair], fallback: str
                      clean=lambda n: n) -> PairTexts:
     """Like :func:`resolve_pair_texts`, after :func:`clean_sentences`: a pair whose sentences are
     all dropped takes the fallback sentence too (and is counted)."""
-    if "{attr}" not in fallback or "{obj}" not in fallback:
-        raise TextBankError(f"fallback sentence {fallback!r} must contain {{attr}} and {{obj}}")
-    texts, used, missing = [], [], []
-    for a, o in pairs:
-        found = clean_sentences(bank.texts((a, o))) if bank is not None else []
-        if found:
-            texts.append(found)
-            used.append(False)
-        else:
-            texts.append([fallback.format(attr=clean(a), obj=clean(o))])
-            used.append(True)
-            missing.append((a, o))
-    return PairTexts(texts, used, missing)
+    return resolve_pair_texts(bank, pairs, fallback, clean, select=clean_sentences)
 
 
 def bank_digest(bank: TextBank) -> str:
