@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from czsl_bench.config import at_least
 from czsl_bench.method import Method, RunContext, iter_column_blocks
 
-from .soft_prompt import SoftPrompt, SoftPromptConfig, explain_scores, logit_scale
+from .soft_prompt import SoftPrompt, SoftPromptConfig, explain_scores, logit_scale, seen_pair_targets
 
 NEG = -1e4  # the logit of a primitive that no pair of the current pair list has (fp16-safe)
 
@@ -446,21 +446,15 @@ class PLID(Method):
         self.scale = logit_scale(ctx.backbone)
         self._ctx = ctx
         train = ctx.split("train", "closed")
-        seen = torch.nonzero(train.seen_mask).squeeze(1)
-        self.seen_attr = train.pair_attr[seen].to(ctx.device)
-        self.seen_obj = train.pair_obj[seen].to(ctx.device)
-        position = torch.full((len(train.pairs),), -1, dtype=torch.long)
-        position[seen] = torch.arange(len(seen))
-        self.train_targets = position[train.labels]
-        if (self.train_targets < 0).any():
-            raise ValueError(f"{ctx.dataset_name}: a training image has a pair outside train_pairs")
+        self.seen_attr, self.seen_obj, self.train_targets = seen_pair_targets(ctx, train)
         self._train_split = train
         self._texts: dict[tuple, _PairText] = {}
         self._views: dict[tuple, Tensor] = {}
         self._info: dict[str, Any] = {"text_bank": self.bank.describe(), "fallback_pairs": {},
                                       "eval_views": cfg.eval_views if cfg.num_aug else "none",
                                       "test_lambda": cfg.test_lambda if cfg.fusion else 0.0}
-        self.train_text = self.pair_text(ctx, [train.pairs[int(i)] for i in seen], "train")
+        seen_pairs = [p for p, is_seen in zip(train.pairs, train.seen_mask.tolist()) if is_seen]
+        self.train_text = self.pair_text(ctx, seen_pairs, "train")
         self._groups = object_groups(self.seen_obj.cpu(), cfg.gauss_group_size) if cfg.group_gauss else None
         self._train_prims = self._primitive_sentences(self.train_text.sentences(), self.seen_attr, self.seen_obj, ds)
 

@@ -65,6 +65,19 @@ def word_vectors(backbone, names: Sequence[str], device: torch.device,
     return out
 
 
+def seen_pair_targets(ctx: Any, train: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The seen (training) pairs' attribute and object indices on the run's device, and each
+    training image's target among them: train labels index the closed pair list, the loss is over
+    the seen pairs only (CSP, PLID)."""
+    seen = torch.nonzero(train.seen_mask).squeeze(1)
+    position = torch.full((len(train.pairs),), -1, dtype=torch.long)
+    position[seen] = torch.arange(len(seen))
+    targets = position[train.labels]
+    if (targets < 0).any():
+        raise ValueError(f"{ctx.dataset_name}: a training image has a pair outside train_pairs")
+    return train.pair_attr[seen].to(ctx.device), train.pair_obj[seen].to(ctx.device), targets
+
+
 class SoftPrompt(nn.Module):
     """Builds ``"a photo of [attr] [obj]"`` token embeddings and encodes them.
 
@@ -186,15 +199,7 @@ class SoftPromptMethod(CosineScoring, Method):
         self.prompt.eval()  # scoring never drops out; the Trainer switches training mode on
         self.scale = logit_scale(ctx.backbone)
         train = ctx.split("train", "closed")
-        seen = torch.nonzero(train.seen_mask).squeeze(1)
-        self.seen_attr = train.pair_attr[seen].to(ctx.device)
-        self.seen_obj = train.pair_obj[seen].to(ctx.device)
-        # Train labels index the closed pair list; the loss is over the seen pairs only.
-        position = torch.full((len(train.pairs),), -1, dtype=torch.long)
-        position[seen] = torch.arange(len(seen))
-        self.train_targets = position[train.labels]
-        if (self.train_targets < 0).any():
-            raise ValueError(f"{ctx.dataset_name}: a training image has a pair outside train_pairs")
+        self.seen_attr, self.seen_obj, self.train_targets = seen_pair_targets(ctx, train)
         self._train_split = train
 
     def modules(self) -> list[nn.Module]:
