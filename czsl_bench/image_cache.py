@@ -125,7 +125,7 @@ def decode_split(root: Path, images: Sequence[str], mode: str = "RGB", progress:
     kept) or into the returned list. A file that cannot be decoded raises one line naming it."""
     from czsl_bench.loading import loader_settings
 
-    settings = loader_settings("cpu", workers, decodes=True, persistent=False, items=len(images))
+    settings = loader_settings("cpu", workers, decodes=True, persistent=False, items=len(images), main_waits=True)
     loader = torch.utils.data.DataLoader(
         _DecodeFiles(Path(root), list(images), mode), batch_size=32, shuffle=False,
         collate_fn=_as_is, generator=torch.Generator(),  # the global RNG is never drawn from

@@ -10,6 +10,7 @@ path does not reproduce keeps the PIL path. docs/methods.md, "Input pipeline", h
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from torch import Tensor
 from czsl_bench.image_cache import DecodedImages, ImageCache, decode_split, split_parts
 from czsl_bench.image_transforms import batch_transforms
 
-__all__ = ["DecodedSplit", "ImageBatch", "decoded_images", "eval_batches", "train_images"]
+__all__ = ["DecodedSplit", "ImageBatch", "decoded_images", "eval_batches", "pipeline_choice", "train_images"]
 
 
 @dataclass
@@ -42,8 +43,10 @@ class DecodedSplit(torch.utils.data.Dataset):
 
     Loaders collate with :meth:`collate` (the batch is built in ``__getitems__``) and call
     ``device_transform(batch, device)``, which returns ``(images [B, C, S, S] float32, labels,
-    indices)`` on the device: what the PIL path yields. Items draw no randomness
-    (``pure_items``): training crops are drawn per batch, in the main process, in batch order.
+    indices)`` on the device: what the PIL path yields. That is two stages, ``plan_batch`` (the
+    random crops) and ``finish_batch`` (resampling), so that the trainer can finish the next
+    batch in a background thread. Items draw no randomness (``pure_items``): training crops are
+    drawn per batch, in the main process, in batch order.
     """
 
     pure_items = True
@@ -77,9 +80,22 @@ class DecodedSplit(torch.utils.data.Dataset):
     def collate(batch: ImageBatch) -> ImageBatch:
         return batch
 
-    def device_transform(self, batch: ImageBatch, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        images = self.transform(batch.pixels.to(device, non_blocking=True), batch.sizes.tolist())
+    def plan_batch(self, batch: ImageBatch) -> tuple[ImageBatch, list | None]:
+        """The batch with its random crop boxes, drawn now from the global torch generator (call
+        it in the main thread, where the PIL path would draw); None for a transform without."""
+        draw = getattr(self.transform, "draw_boxes", None)
+        return batch, (draw(batch.sizes.tolist()) if draw is not None else None)
+
+    def finish_batch(self, planned: tuple[ImageBatch, list | None], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """``(images [B, C, S, S] float32, labels, indices)`` on ``device`` from a planned batch:
+        no randomness, so any thread may run it (czsl_bench.loading.BatchFeed)."""
+        batch, boxes = planned
+        pixels = batch.pixels.to(device, non_blocking=True)
+        images = self.transform(pixels, batch.sizes.tolist()) if boxes is None else self.transform.apply(pixels, boxes)
         return images, batch.labels.to(device, non_blocking=True), batch.indices.to(device, non_blocking=True)
+
+    def device_transform(self, batch: ImageBatch, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        return self.finish_batch(self.plan_batch(batch), device)
 
 
 def _transforms(backbone: Any) -> tuple[Any, Any] | None:
@@ -122,12 +138,29 @@ def decoded_images(ctx: Any, split: Any) -> DecodedImages:
     return store
 
 
+PIPELINE_ENV = "CZSL_INPUT_PIPELINE"
+PIPELINES = ("batched", "pil")
+
+
+def pipeline_choice() -> str:
+    """``$CZSL_INPUT_PIPELINE``: ``batched`` (the default) or ``pil``, the per-image PIL path the
+    batched one reproduces (same numbers, slower: for checking that claim and for timing it)."""
+    value = os.environ.get(PIPELINE_ENV, "").strip().lower() or "batched"
+    if value not in PIPELINES:
+        raise ValueError(f"{PIPELINE_ENV}={value!r} is not an input pipeline; use one of {', '.join(PIPELINES)} "
+                         "(or unset it)")
+    return value
+
+
 def _batched(ctx: Any, split: Any) -> tuple[Any, Any] | None:
     """The batch transforms for ``split``, or None for the PIL path: a backbone whose transforms
-    have no exact batched form, or a split that is not a dataset's files (a test double)."""
+    have no exact batched form, a split that is not a dataset's files (a test double), or
+    ``CZSL_INPUT_PIPELINE=pil``."""
     from czsl_bench.datasets.czsl_format import Split
 
-    return _transforms(ctx.backbone) if isinstance(split, Split) else None
+    if not isinstance(split, Split) or pipeline_choice() == "pil":
+        return None
+    return _transforms(ctx.backbone)
 
 
 def train_images(ctx: Any, split: Any) -> torch.utils.data.Dataset:
@@ -158,5 +191,11 @@ def eval_batches(ctx: Any, split: Any, batch_size: int | None = None) -> Iterato
     settings = loader_settings(device, ctx.workers, decodes=False, pure=True, persistent=False, items=len(split))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=dataset.collate,
                                          generator=torch.Generator(), **settings.kwargs())
-    for batch in loader:
-        yield dataset.device_transform(batch, device)
+    from czsl_bench.loading import BatchFeed
+
+    # the next batch is resampled in a background thread while the caller scores this one
+    with BatchFeed(loader, device) as feed:
+        for _ in range(len(loader)):
+            batch = feed.next()
+            feed.prepare_next()
+            yield batch

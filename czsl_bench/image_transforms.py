@@ -12,10 +12,14 @@ same geometry is applied to a whole batch of decoded uint8 images (``docs/backbo
   after each. The passes are integer gathers (int32, as Pillow sums), so the result is
   bit-identical to ``PIL.Image.resize`` on every device; torch's antialiased bicubic differs from
   Pillow by a level here and there, which would make the cached path change the numbers.
-* **Random crops** are drawn with torchvision's own ``RandomResizedCrop.get_params`` from the
-  global torch generator, one image after the other in batch order: exactly the draws the PIL
-  path makes in the DataLoader (0 workers), so the training stream and dropout after it stay
-  where they were. The trainer reseeds that generator from the run seed (czsl_bench/training.py).
+* **Random crops** are drawn as torchvision's ``RandomResizedCrop.get_params`` draws them, from
+  the global torch generator, one image after the other in batch order: exactly the draws the
+  PIL path makes in the DataLoader (0 workers), so the training stream and dropout after it stay
+  where they were. The sampler makes get_params' generator calls itself (faster), and is used
+  only after a probe shows it equal to the installed torchvision's (:func:`crop_sampler`). The
+  trainer reseeds that generator from the run seed (czsl_bench/training.py), and draws a batch's
+  crops in the main thread where the PIL path would, while :meth:`TrainTransform.apply` may run
+  in a background thread (czsl_bench/loading.py, ``BatchFeed``).
 * **ToTensor + Normalize** use the same float32 operations in the same order.
 
 A transform that is not one of these two shapes (another resize mode, colour jitter, ...) is
@@ -32,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["EvalTransform", "TrainTransform", "batch_transforms", "normalize", "resample"]
+__all__ = ["EvalTransform", "TrainTransform", "batch_transforms", "crop_sampler", "normalize", "resample"]
 
 _PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point: 8-bit pixels, 2 bits of headroom in int32
 _HALF = 1 << (_PRECISION_BITS - 1)
@@ -296,7 +300,11 @@ class EvalTransform:
 
 @dataclass(frozen=True)
 class TrainTransform:
-    """open_clip's train transform: ``RandomResizedCrop(size, scale, ratio)`` (Pillow), normalize."""
+    """open_clip's train transform: ``RandomResizedCrop(size, scale, ratio)`` (Pillow), normalize.
+
+    Two stages, so that a batch can be finished off the main thread: :meth:`draw_boxes` takes
+    the random crops (the global torch generator, in batch order: call it where the PIL path
+    would draw), :meth:`apply` resamples and normalizes (no randomness)."""
 
     size: int
     scale: tuple[float, float]
@@ -306,17 +314,92 @@ class TrainTransform:
     interpolation: str = "bicubic"
 
     def crop(self, image_hw: tuple[int, int]) -> tuple[int, int, int, int]:
-        """One crop box, drawn from the global torch generator by torchvision's own code."""
-        from torchvision.transforms import RandomResizedCrop
+        """One crop box ``(top, left, height, width)``, drawn from the global torch generator:
+        the values and the generator's advance of torchvision's ``get_params``."""
+        return self.draw_boxes([image_hw])[0]
 
-        shape = torch.empty(()).expand(3, *image_hw)  # get_params only reads the dimensions
-        return tuple(int(v) for v in RandomResizedCrop.get_params(shape, list(self.scale), list(self.ratio)))
+    def draw_boxes(self, image_hw: Sequence[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+        """One crop box per image, in order (see :func:`crop_sampler`)."""
+        draw = crop_sampler(tuple(self.scale), tuple(self.ratio))
+        return [draw(int(h), int(w)) for h, w in image_hw]
 
-    def __call__(self, pixels: Tensor, image_hw: Sequence[tuple[int, int]], backend: str | None = None) -> Tensor:
-        boxes = [self.crop((int(h), int(w))) for h, w in image_hw]
+    def apply(self, pixels: Tensor, boxes: Sequence[tuple[int, int, int, int]], backend: str | None = None) -> Tensor:
+        """The crops ``boxes`` of a uint8 batch, resized to ``size`` and normalized."""
         out = resample(pixels, boxes, [(self.size, self.size)] * len(boxes), (self.size, self.size),
                        None, self.interpolation, backend)
         return normalize(out, self.mean, self.std)
+
+    def __call__(self, pixels: Tensor, image_hw: Sequence[tuple[int, int]], backend: str | None = None) -> Tensor:
+        return self.apply(pixels, self.draw_boxes(image_hw), backend)
+
+
+def _torchvision_crop(scale: tuple[float, float], ratio: tuple[float, float]):
+    from torchvision.transforms import RandomResizedCrop
+
+    def draw(h: int, w: int) -> tuple[int, int, int, int]:
+        shape = torch.empty(()).expand(3, h, w)  # get_params only reads the dimensions
+        return tuple(int(v) for v in RandomResizedCrop.get_params(shape, list(scale), list(ratio)))
+
+    return draw
+
+
+def _direct_crop(scale: tuple[float, float], ratio: tuple[float, float]):
+    """``RandomResizedCrop``'s sampling (torchvision's documented algorithm: up to ten trials of a
+    uniform area fraction in ``scale`` and a log-uniform aspect ratio in ``ratio``, the first
+    that fits placed uniformly; else the centred crop of the ratio clamped to ``ratio``), with
+    the same generator calls on reused one-element tensors: about 8 times faster than
+    ``get_params``, which builds its tensors anew on every trial."""
+    log_lo, log_hi = (float(v) for v in torch.log(torch.tensor(ratio)))
+    lo, hi = float(scale[0]), float(scale[1])
+    unit = torch.empty(1)
+    expd = torch.empty(1)
+    offset = torch.empty(1, dtype=torch.int64)
+    low_ratio, high_ratio = min(ratio), max(ratio)
+
+    def draw(h: int, w: int) -> tuple[int, int, int, int]:
+        area = h * w
+        for _ in range(10):
+            target = area * unit.uniform_(lo, hi).item()
+            aspect = torch.exp(unit.uniform_(log_lo, log_hi), out=expd).item()
+            cw = int(round(math.sqrt(target * aspect)))
+            ch = int(round(math.sqrt(target / aspect)))
+            if 0 < cw <= w and 0 < ch <= h:
+                top = int(offset.random_(0, h - ch + 1).item())
+                left = int(offset.random_(0, w - cw + 1).item())
+                return top, left, ch, cw
+        shape = float(w) / float(h)
+        if shape < low_ratio:
+            cw, ch = w, int(round(w / low_ratio))
+        elif shape > high_ratio:
+            cw, ch = int(round(h * high_ratio)), h
+        else:
+            cw, ch = w, h
+        return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+    return draw
+
+
+# image sizes for the probe: square, landscape, portrait, UT-Zappos', and shapes outside the
+# ratio range, where the fallback branch decides
+_CROP_PROBE_SIZES = [(64, 64), (240, 320), (320, 240), (102, 136), (60, 400), (400, 60), (3, 2), (1, 1)]
+
+
+@functools.lru_cache(maxsize=None)
+def crop_sampler(scale: tuple[float, float], ratio: tuple[float, float]):
+    """``draw(h, w) -> (top, left, height, width)`` for ``RandomResizedCrop(scale, ratio)``.
+
+    The direct sampler when it reproduces the installed torchvision's ``get_params`` (values and
+    generator advance, probed once per process on a forked generator over 800 draws), else
+    torchvision's own function: either way the PIL path's crops and random stream."""
+    fast, reference = _direct_crop(scale, ratio), _torchvision_crop(scale, ratio)
+    with torch.random.fork_rng(devices=[]):
+        runs = []
+        for draw in (reference, fast):
+            torch.manual_seed(20261201)
+            boxes = [draw(h, w) for _ in range(100) for h, w in _CROP_PROBE_SIZES]
+            runs.append((boxes, torch.get_rng_state()))
+    (want, want_state), (got, got_state) = runs
+    return fast if got == want and torch.equal(got_state, want_state) else reference
 
 
 def batch_transforms(preprocess_train, preprocess_eval) -> tuple[TrainTransform, EvalTransform] | None:

@@ -7,8 +7,9 @@ asks :func:`loader_settings`; nothing else picks ``num_workers`` or ``pin_memory
 * **workers**: an explicit count wins (0 = load in the main process). ``None`` means "fit the
   machine": a job of fewer than 1,000 items stays in the main process (starting workers takes
   longer); datasets that decode image files get one worker per available core but one (the
-  training loop keeps a core), at most 8; datasets that only index decoded uint8 images
-  (czsl_bench.image_cache) get none on the CPU, where a worker would compete with the step for
+  training loop keeps a core), at most 8, or one per core when the main process only collects
+  what they decode (``main_waits``: the decoded-image cache's build); datasets that only index
+  decoded uint8 images (czsl_bench.image_cache) get none on the CPU, where a worker would compete with the step for
   the same cores, and up to 4 on CUDA, where they assemble batches while the GPU computes.
 * **pinned memory** on CUDA only (page-locked buffers make the host-to-device copy asynchronous).
 * **persistent workers** on CUDA for datasets whose items are a pure function of the index
@@ -16,6 +17,12 @@ asks :func:`loader_settings`; nothing else picks ``num_workers`` or ``pin_memory
   ``__getitem__`` (the PIL training path) keep fresh workers every epoch, whose seeds derive from
   (run seed, epoch): that is what makes a resumed run repeat an uninterrupted one.
 * **prefetch**: 4 batches per worker.
+* **the next batch in a background thread** (:class:`BatchFeed`): a dataset that splits its
+  per-batch work into ``plan_batch`` (the random draws, in the main thread, where the PIL path
+  would draw) and ``finish_batch`` (pure: resampling, normalizing, the copy to the device) has
+  batch i+1 finished in one background thread while step i runs its backward pass. The draws
+  stay in the main thread's order, so the numbers do not change; the finishing takes the core
+  the step leaves idle (one torch thread) or shares the step's cores.
 
 Available cores are the ones this process may run on (``os.sched_getaffinity``; a container's
 CPU set or ``taskset``), not the machine's count.
@@ -24,12 +31,13 @@ CPU set or ``taskset``), not the machine's count.
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["LoaderSettings", "available_cores", "loader_settings", "pure_items"]
+__all__ = ["BatchFeed", "LoaderSettings", "available_cores", "loader_settings", "pure_items", "to_device"]
 
 MAX_DECODE_WORKERS = 8
 SMALL_JOB = 1000  # items: fewer load faster in the main process than worker start-up takes
@@ -69,14 +77,16 @@ class LoaderSettings:
 
 
 def loader_settings(device: torch.device | str, workers: int | None = None, *, decodes: bool,
-                    pure: bool = False, persistent: bool = True, items: int | None = None) -> LoaderSettings:
+                    pure: bool = False, persistent: bool = True, items: int | None = None,
+                    main_waits: bool = False) -> LoaderSettings:
     """DataLoader settings for a loader feeding ``device``.
 
     ``workers``: an explicit count (0 = main process) or None for the machine's default;
     ``decodes``: the dataset reads and decodes image files in ``__getitem__``; ``pure``: its
     items draw no randomness (see :func:`pure_items`); ``persistent=False`` for a loader that is
     iterated once (workers would outlive it for nothing); ``items``: how many items one pass
-    loads (a small job stays in the main process).
+    loads (a small job stays in the main process); ``main_waits``: the main process does nothing
+    but collect the items, so a decoding job may take every core (with one core: none).
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -85,7 +95,7 @@ def loader_settings(device: torch.device | str, workers: int | None = None, *, d
         if items is not None and items < SMALL_JOB:
             workers = 0
         elif decodes:
-            workers = min(cores - 1, MAX_DECODE_WORKERS)
+            workers = min(cores if main_waits and cores > 1 else cores - 1, MAX_DECODE_WORKERS)
         else:
             workers = min(cores - 1, MAX_INDEX_WORKERS) if cuda else 0
     if workers < 0:
@@ -96,3 +106,76 @@ def loader_settings(device: torch.device | str, workers: int | None = None, *, d
         persistent_workers=cuda and persistent and pure and workers > 0,
         prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
     )
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` (a tensor, or lists, tuples and dicts of them) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+class BatchFeed:
+    """A loader's batches on ``device``, the next one finished in a background thread.
+
+    ``next()`` returns the next batch, ready; ``prepare_next()`` fetches the one after it and
+    plans it *now* (its random draws happen in the calling thread, in order), then finishes it
+    in the background. The trainer calls ``prepare_next()`` right after a step's forward pass,
+    where nothing draws until the next forward: the PIL path drew the next batch's crops after
+    the optimizer step, and backward and optimizer steps draw nothing, so the random stream is
+    the same draw for draw. Datasets without ``plan_batch``/``finish_batch`` are fetched and moved
+    in ``next()`` (through their ``device_transform`` if they have one), as before.
+    """
+
+    def __init__(self, loader: Any, device: torch.device | str):
+        self.device = torch.device(device)
+        self._dataset = loader.dataset
+        self._plan = getattr(self._dataset, "plan_batch", None)
+        self._finish = getattr(self._dataset, "finish_batch", None)
+        self._staged = self._plan is not None and self._finish is not None
+        self._transform = getattr(self._dataset, "device_transform", None)
+        self._batches = iter(loader)
+        self._left = len(loader)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="czsl-batch") if self._staged else None
+        self._pending: Future | None = None
+
+    def __enter__(self) -> BatchFeed:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def prepare_next(self) -> None:
+        """Fetch and plan the next batch here, finish it in the background (staged datasets)."""
+        if not self._staged or self._pending is not None or self._left == 0:
+            return
+        planned = self._plan(next(self._batches))
+        self._left -= 1
+        self._pending = self._pool.submit(self._finish_quietly, planned)
+
+    def _finish_quietly(self, planned: Any) -> Any:
+        with torch.no_grad():  # grad mode is per thread; nothing here needs a graph
+            return self._finish(planned, self.device)
+
+    def next(self) -> Any:
+        """The next batch on the device (waits for the background thread if it is still busy)."""
+        if self._staged:
+            self.prepare_next()
+            if self._pending is None:
+                raise StopIteration
+            pending, self._pending = self._pending, None
+            return pending.result()
+        if self._left == 0:
+            raise StopIteration
+        batch = next(self._batches)
+        self._left -= 1
+        return self._transform(batch, self.device) if self._transform is not None else to_device(batch, self.device)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

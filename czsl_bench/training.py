@@ -15,7 +15,8 @@ clipping, validation period and the model-selection metric. Around the method's
   ``select_metric`` (default ``auc``) is restored at the end and recorded;
 * the input pipeline: one DataLoader for the whole fit, set up by czsl_bench.loading (workers,
   pinned memory, persistent workers, prefetch); a dataset's ``device_transform`` (the decoded-image
-  path, czsl_bench/image_data.py) turns each batch into the step's input on the device; every
+  path, czsl_bench/image_data.py) turns each batch into the step's input on the device, the next
+  batch in a background thread while this one's backward runs (``loading.BatchFeed``); every
   epoch records how long the steps waited for data and how long they computed, and the progress
   bar says when training is input-bound (docs/methods.md, "Input pipeline").
 
@@ -49,7 +50,7 @@ from torch.utils.data import DataLoader
 from czsl_bench import distributed
 from czsl_bench.atomic import atomic_file
 from czsl_bench.method import Method, NullProgress, RunContext, TrainConfig
-from czsl_bench.loading import loader_settings, pure_items
+from czsl_bench.loading import BatchFeed, loader_settings, pure_items
 from czsl_bench.seeding import hash_seed, loader_generator, worker_init_fn
 
 CHECKPOINT_VERSION = 1
@@ -279,28 +280,27 @@ class Trainer:
         self._order.set_epoch(epoch)
         # worker seeds derive from the epoch's generator, as the order does (a resumed run repeats it)
         loader.generator = loader_generator(self.seed, epoch)
-        device_transform = getattr(loader.dataset, "device_transform", None)
         method.train_mode(True)
         optimizer.zero_grad(set_to_none=True)
         total, finite_batches, skipped = 0.0, 0, 0
         data_time = compute_time = 0.0
         started = time.perf_counter()
         n = len(loader)
-        with self.progress.task(f"epoch {epoch}/{cfg.epochs}", total=n) as task:
-            batches = iter(loader)
+        with self.progress.task(f"epoch {epoch}/{cfg.epochs}", total=n) as task, BatchFeed(loader, self.device) as feed:
             for i in range(n):
                 clock = time.perf_counter()
-                batch = next(batches)
-                if device_transform is not None:
-                    batch = device_transform(batch, self.device)
-                else:
-                    batch = _to_device(batch, self.device)
+                batch = feed.next()
                 ready = time.perf_counter()
                 boundary = (i + 1) % cfg.grad_accum == 0 or i + 1 == n
                 # [ddp] gradients are all-reduced in the backward of a step's last micro-batch only
                 with self._step_fn.no_sync(boundary) if self.dist is not None else contextlib.nullcontext():
                     with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
                         loss = self._step_fn(batch)
+                    # the forward has drawn all it draws: the next batch's crops may be drawn now and
+                    # it is resampled in the background during this backward (loading.BatchFeed)
+                    planning = time.perf_counter()
+                    feed.prepare_next()
+                    planned = time.perf_counter()
                     finite = bool(torch.isfinite(loss.detach()).all())
                     if self.dist is not None:  # [ddp] every rank skips, or none (a lone backward would hang)
                         finite = distributed.all_true(finite)
@@ -315,8 +315,8 @@ class Trainer:
                         distributed.average_gradients(params)  # [ddp] no backward synchronised this step
                     skipped += self._step(optimizer, scaler, params, cfg)
                 done = time.perf_counter()
-                data_time += ready - clock
-                compute_time += done - ready
+                data_time += (ready - clock) + (planned - planning)
+                compute_time += (done - ready) - (planned - planning)
                 task.advance()
         method.train_mode(False)
         if self.dist is not None:  # [ddp] the epoch's loss over every rank's batches
@@ -474,16 +474,6 @@ def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
     if cfg.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
     raise ValueError(f"unknown scheduler {cfg.scheduler!r}; use none, step or cosine")
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
 
 
 def _clone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -108,3 +108,50 @@ def test_transforms_that_cannot_be_batched_exactly_are_refused():
     assert batch_transforms(nearest, bb_like.preprocess_eval) is None
     with pytest.raises(ValueError, match="unknown resampling backend"):
         resample(torch.zeros(1, 4, 4, 3, dtype=torch.uint8), [(0, 0, 4, 4)], [(2, 2)], (2, 2), backend="cuda")
+
+
+# -- the crop sampler ---------------------------------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from czsl_bench import image_transforms  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1),
+       sizes=st.lists(st.tuples(st.integers(1, 600), st.integers(1, 600)), min_size=1, max_size=40),
+       scale=st.sampled_from([(0.9, 1.0), (0.08, 1.0), (0.5, 0.5), (0.3, 0.9)]),
+       ratio=st.sampled_from([(3 / 4, 4 / 3), (0.5, 2.0), (1.0, 1.0), (0.2, 5.0)]))
+def test_the_direct_crop_sampler_draws_what_torchvision_draws(seed, sizes, scale, ratio):
+    from torchvision.transforms import RandomResizedCrop
+
+    torch.manual_seed(seed)
+    want = [tuple(RandomResizedCrop.get_params(torch.empty(()).expand(3, h, w), list(scale), list(ratio)))
+            for h, w in sizes]
+    want_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    draw = image_transforms._direct_crop(scale, ratio)
+    assert [draw(h, w) for h, w in sizes] == want
+    assert torch.equal(torch.get_rng_state(), want_state)  # the same advance: dropout after it sees the same stream
+
+
+def test_the_crop_sampler_is_the_direct_one_only_if_the_probe_agrees(monkeypatch):
+    scale, ratio = (0.9, 1.0), (3 / 4, 4 / 3)
+    image_transforms.crop_sampler.cache_clear()
+    try:
+        assert image_transforms.crop_sampler(scale, ratio).__qualname__.startswith("_direct_crop")
+        image_transforms.crop_sampler.cache_clear()
+        honest = image_transforms._direct_crop
+
+        def off_by_one(scale, ratio):  # a torchvision whose sampling differs from the direct one
+            inner = honest(scale, ratio)
+            return lambda h, w: tuple(v + (i == 0) for i, v in enumerate(inner(h, w)))
+
+        monkeypatch.setattr(image_transforms, "_direct_crop", off_by_one)
+        torch.manual_seed(5)
+        before = torch.get_rng_state()
+        chosen = image_transforms.crop_sampler(scale, ratio)
+        assert chosen.__qualname__.startswith("_torchvision_crop")
+        assert torch.equal(torch.get_rng_state(), before)  # the probe draws on a forked generator
+    finally:
+        image_transforms.crop_sampler.cache_clear()

@@ -221,3 +221,104 @@ def test_run_workers_option_is_checked_before_anything_loads():
 
     result = CliRunner().invoke(cli, ["run", "clip", "--dataset", "synthetic", "--workers", "many"])
     assert result.exit_code == 2 and "'many' is not a worker count; pass 0, 1, 2, ... or auto" in result.output
+
+
+def test_the_cache_build_decodes_on_every_core_because_the_main_process_only_waits(monkeypatch):
+    monkeypatch.setattr(loading, "available_cores", lambda: 2)
+    assert loader_settings("cpu", None, decodes=True, main_waits=True).num_workers == 2
+    assert loader_settings("cpu", None, decodes=True).num_workers == 1  # the training loop keeps a core
+    assert loader_settings("cpu", 0, decodes=True, main_waits=True).num_workers == 0  # explicit wins
+    assert loader_settings("cpu", None, decodes=True, main_waits=True, items=10).num_workers == 0
+    monkeypatch.setattr(loading, "available_cores", lambda: 1)
+    assert loader_settings("cpu", None, decodes=True, main_waits=True).num_workers == 0
+    monkeypatch.setattr(loading, "available_cores", lambda: 64)
+    assert loader_settings("cpu", None, decodes=True, main_waits=True).num_workers == 8
+
+
+class _Staged(torch.utils.data.Dataset):
+    """plan_batch draws from the global generator; finish_batch records the thread it ran in."""
+
+    pure_items = True
+
+    def __init__(self, n=10, fail_at=None):
+        self.n, self.fail_at, self.threads = n, fail_at, []
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.tensor([float(i)])
+
+    def plan_batch(self, batch):
+        return batch, torch.rand(len(batch))
+
+    def finish_batch(self, planned, device):
+        import threading
+
+        batch, noise = planned
+        self.threads.append(threading.current_thread().name)
+        if self.fail_at is not None and int(batch[0, 0]) == self.fail_at:
+            raise ValueError("cannot finish this batch")
+        return (batch[:, 0] + noise).to(device)
+
+
+def test_the_batch_feed_draws_in_order_in_the_caller_and_finishes_in_the_background():
+    import threading
+
+    dataset = _Staged()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3)
+    torch.manual_seed(0)
+    expected, draws_between = [], []
+    for batch in loader:  # the sequential reference: draw the batch's noise, then a "forward" draws
+        expected.append(batch[:, 0] + torch.rand(len(batch)))
+        draws_between.append(torch.rand(1))
+    after = torch.get_rng_state()
+    torch.manual_seed(0)
+    got, between = [], []
+    with loading.BatchFeed(loader, "cpu") as feed:
+        for _ in range(len(loader)):
+            got.append(feed.next())
+            between.append(torch.rand(1))  # the step's forward
+            feed.prepare_next()  # the next batch's draws come after it, as in the sequential loop
+        with pytest.raises(StopIteration):
+            feed.next()
+    assert all(torch.equal(a, b) for a, b in zip(got, expected)) and len(got) == 4
+    assert all(torch.equal(a, b) for a, b in zip(between, draws_between))
+    assert torch.equal(torch.get_rng_state(), after)
+    assert dataset.threads and all(name != threading.current_thread().name for name in dataset.threads)
+
+
+def test_a_batch_that_fails_in_the_background_fails_in_next():
+    loader = torch.utils.data.DataLoader(_Staged(fail_at=3), batch_size=3)
+    with loading.BatchFeed(loader, "cpu") as feed:
+        feed.next()
+        feed.prepare_next()
+        with pytest.raises(ValueError, match="cannot finish this batch"):
+            feed.next()
+
+
+def test_unstaged_datasets_are_fetched_and_moved_in_next():
+    loader = torch.utils.data.DataLoader([(torch.ones(2), 1)] * 5, batch_size=2)
+    with loading.BatchFeed(loader, "cpu") as feed:
+        batches = [feed.next() for _ in range(3)]
+        feed.prepare_next()  # nothing to prepare ahead
+        with pytest.raises(StopIteration):
+            feed.next()
+    assert [len(b[0]) for b in batches] == [2, 2, 1]
+
+
+def test_czsl_input_pipeline_pil_selects_the_reference_path(toy, tiny, tmp_path, monkeypatch):
+    from czsl_bench.cli import cli
+
+    ctx = _ctx(toy, tiny, tmp_path / "cache")
+    assert isinstance(ctx.train_images(toy.split("train")), DecodedSplit)
+    monkeypatch.setenv("CZSL_INPUT_PIPELINE", "pil")
+    assert not isinstance(ctx.train_images(toy.split("train")), DecodedSplit)
+    pil, _ = _fit(PixelProbe, toy, tiny, None, decoded=True)  # the method asks for decoded images...
+    monkeypatch.delenv("CZSL_INPUT_PIPELINE")
+    batched, _ = _fit(PixelProbe, toy, tiny, None, decoded=True)
+    assert all(torch.equal(pil[k], batched[k]) for k in pil)  # ...and gets the same numbers either way
+    monkeypatch.setenv("CZSL_INPUT_PIPELINE", "fast")
+    result = CliRunner().invoke(cli, ["run", "clip", "--dataset", "synthetic", "--results-dir", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert "CZSL_INPUT_PIPELINE='fast' is not an input pipeline; use one of batched, pil" in result.output

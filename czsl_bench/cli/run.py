@@ -87,7 +87,10 @@ def run(methods, dataset, seed, setting, backbone, pretrained, overrides, config
     from czsl_bench.config import ConfigError
     from czsl_bench.registry import RegistryError
 
+    from czsl_bench.image_data import pipeline_choice
+
     try:
+        pipeline_choice()  # a misspelt CZSL_INPUT_PIPELINE is a usage error, not a failed run
         specs, missing = api.plan(methods, dataset, seed, setting, data_root)
         # every config of the grid resolved up front: a bad --set, config file or ablation is a
         # usage error before anything trains
