@@ -20,9 +20,9 @@ asks :func:`loader_settings`; nothing else picks ``num_workers`` or ``pin_memory
 * **the next batch in a background thread** (:class:`BatchFeed`): a dataset that splits its
   per-batch work into ``plan_batch`` (the random draws, in the main thread, where the PIL path
   would draw) and ``finish_batch`` (pure: resampling, normalizing, the copy to the device) has
-  batch i+1 finished in one background thread while step i runs its backward pass. The draws
-  stay in the main thread's order, so the numbers do not change; the finishing takes the core
-  the step leaves idle (one torch thread) or shares the step's cores.
+  batch i+1 finished in one background thread while step i runs its backward pass on CUDA
+  (:func:`finish_in_background`; on the CPU it is finished in the main thread, right there).
+  The draws stay in the main thread's order, so the numbers do not change.
 
 Available cores are the ones this process may run on (``os.sched_getaffinity``; a container's
 CPU set or ``taskset``), not the machine's count.
@@ -37,7 +37,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["BatchFeed", "LoaderSettings", "available_cores", "loader_settings", "pure_items", "to_device"]
+__all__ = ["BatchFeed", "LoaderSettings", "available_cores", "finish_in_background", "loader_settings", "pure_items",
+           "to_device"]
 
 MAX_DECODE_WORKERS = 8
 SMALL_JOB = 1000  # items: fewer load faster in the main process than worker start-up takes
@@ -108,6 +109,16 @@ def loader_settings(device: torch.device | str, workers: int | None = None, *, d
     )
 
 
+def finish_in_background(device: torch.device | str) -> bool:
+    """Whether :class:`BatchFeed` finishes batches in a background thread: on CUDA, where the
+    host thread only queues kernels and the finishing's own host work (fetching, planning the
+    gathers) can overlap the GPU's step; not on the CPU, where it was measured not to pay: on 2
+    cores with 1 torch thread it hid 2.0 s of finishing and cost the step 2.3 s (the two threads
+    take turns holding the GIL), with 2 torch threads it cost the step 4-13 s (the pool's threads
+    wait for the one the background thread preempted). docs/methods.md, "Input pipeline"."""
+    return torch.device(device).type == "cuda"
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     """``batch`` (a tensor, or lists, tuples and dicts of them) on ``device``."""
     if isinstance(batch, torch.Tensor):
@@ -131,7 +142,7 @@ class BatchFeed:
     in ``next()`` (through their ``device_transform`` if they have one), as before.
     """
 
-    def __init__(self, loader: Any, device: torch.device | str):
+    def __init__(self, loader: Any, device: torch.device | str, background: bool | None = None):
         self.device = torch.device(device)
         self._dataset = loader.dataset
         self._plan = getattr(self._dataset, "plan_batch", None)
@@ -140,7 +151,8 @@ class BatchFeed:
         self._transform = getattr(self._dataset, "device_transform", None)
         self._batches = iter(loader)
         self._left = len(loader)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="czsl-batch") if self._staged else None
+        self.background = self._staged and (finish_in_background(self.device) if background is None else background)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="czsl-batch") if self.background else None
         self._pending: Future | None = None
 
     def __enter__(self) -> BatchFeed:
@@ -155,7 +167,12 @@ class BatchFeed:
             return
         planned = self._plan(next(self._batches))
         self._left -= 1
-        self._pending = self._pool.submit(self._finish_quietly, planned)
+        if self._pool is not None:
+            self._pending = self._pool.submit(self._finish_quietly, planned)
+        else:  # no spare core: finish it now, in this thread (still after the forward's draws)
+            done: Future = Future()
+            done.set_result(self._finish(planned, self.device))
+            self._pending = done
 
     def _finish_quietly(self, planned: Any) -> Any:
         with torch.no_grad():  # grad mode is per thread; nothing here needs a graph

@@ -262,7 +262,8 @@ class _Staged(torch.utils.data.Dataset):
         return (batch[:, 0] + noise).to(device)
 
 
-def test_the_batch_feed_draws_in_order_in_the_caller_and_finishes_in_the_background():
+@pytest.mark.parametrize("background", [True, False])
+def test_the_batch_feed_draws_in_order_in_the_caller_and_finishes_in_the_background(background):
     import threading
 
     dataset = _Staged()
@@ -275,7 +276,7 @@ def test_the_batch_feed_draws_in_order_in_the_caller_and_finishes_in_the_backgro
     after = torch.get_rng_state()
     torch.manual_seed(0)
     got, between = [], []
-    with loading.BatchFeed(loader, "cpu") as feed:
+    with loading.BatchFeed(loader, "cpu", background=background) as feed:
         for _ in range(len(loader)):
             got.append(feed.next())
             between.append(torch.rand(1))  # the step's forward
@@ -285,12 +286,24 @@ def test_the_batch_feed_draws_in_order_in_the_caller_and_finishes_in_the_backgro
     assert all(torch.equal(a, b) for a, b in zip(got, expected)) and len(got) == 4
     assert all(torch.equal(a, b) for a, b in zip(between, draws_between))
     assert torch.equal(torch.get_rng_state(), after)
-    assert dataset.threads and all(name != threading.current_thread().name for name in dataset.threads)
+    here = threading.current_thread().name
+    assert len(dataset.threads) == 4 and all((name != here) == background for name in dataset.threads)
+
+
+def test_batches_are_finished_in_the_background_on_cuda_only():
+    assert loading.finish_in_background("cuda") and not loading.finish_in_background("cpu")
+
+
+def test_training_with_background_finishing_equals_the_pil_path(toy, tiny, monkeypatch):
+    pil, _ = _fit(PixelProbe, toy, tiny, None, decoded=False)
+    monkeypatch.setattr(loading, "finish_in_background", lambda device: True)  # what CUDA does
+    background, _ = _fit(PixelProbe, toy, tiny, None, decoded=True)
+    assert all(torch.equal(pil[k], background[k]) for k in pil)
 
 
 def test_a_batch_that_fails_in_the_background_fails_in_next():
     loader = torch.utils.data.DataLoader(_Staged(fail_at=3), batch_size=3)
-    with loading.BatchFeed(loader, "cpu") as feed:
+    with loading.BatchFeed(loader, "cpu", background=True) as feed:
         feed.next()
         feed.prepare_next()
         with pytest.raises(ValueError, match="cannot finish this batch"):
