@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -174,13 +176,49 @@ def _resample_pillow(pixels, boxes, sizes, out_size, keep, filt) -> Tensor:
     oh, ow = out_size
     array = pixels.numpy()
     out = np.empty((len(boxes), oh, ow, array.shape[3]), dtype=np.uint8)
-    for b, ((top, left, h, w), (rh, rw), (kt, kl)) in enumerate(zip(boxes, sizes, keep)):
-        # torchvision's order: crop, resize (Pillow returns a copy when the size is unchanged), crop
-        image = Image.fromarray(array[b, top:top + h, left:left + w])
-        if (rw, rh) != (w, h):
-            image = image.resize((rw, rh), mode)
-        out[b] = np.asarray(image)[kt:kt + oh, kl:kl + ow]
+
+    def resize(indices: range) -> None:
+        for b in indices:
+            (top, left, h, w), (rh, rw), (kt, kl) = boxes[b], sizes[b], keep[b]
+            # torchvision's order: crop, resize (Pillow returns a copy when the size is unchanged), crop
+            image = Image.fromarray(array[b, top:top + h, left:left + w])
+            if (rw, rh) != (w, h):
+                image = image.resize((rw, rh), mode)
+            out[b] = np.asarray(image)[kt:kt + oh, kl:kl + ow]
+
+    threads, pool = _resample_pool()
+    pixels_per_image = sum(h * w + rh * rw for (_, _, h, w), (rh, rw) in zip(boxes, sizes)) / max(1, len(boxes))
+    if pool is None or len(boxes) < 2 * threads or pixels_per_image < _THREADED_PIXELS:
+        resize(range(len(boxes)))
+    else:  # each image on its own: the threads change which core, not what a pixel becomes
+        step = -(-len(boxes) // threads)
+        list(pool.map(resize, [range(i, min(i + step, len(boxes))) for i in range(0, len(boxes), step)]))
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+_POOL: tuple[int, int, ThreadPoolExecutor | None] | None = None
+# below this (crop + resized pixels per image) the threads' turns at the GIL cost more than the
+# resampling they share: 64 px images resample 1.4x slower on 2 threads, 224 px photos 2x faster
+_THREADED_PIXELS = 2 * 128 * 128
+
+
+def _resample_pool() -> tuple[int, ThreadPoolExecutor | None]:
+    """``(threads, pool)`` for Pillow's resampling: one thread per available core (at most 4);
+    no pool on one core.
+
+    Pillow releases the GIL while it resamples, and the trainer resamples on the CPU while the
+    step waits for the batch (czsl_bench.loading.BatchFeed), so the cores are otherwise idle:
+    2 threads on 2 cores resample batches of 320x240 photos to 224 px 2.0x faster (64 px images
+    stay on one thread, see ``_THREADED_PIXELS``). A forked DataLoader worker builds its own pool.
+    """
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid():
+        from czsl_bench.loading import available_cores
+
+        threads = min(available_cores(), 4)
+        _POOL = (os.getpid(), threads,
+                 ThreadPoolExecutor(threads, thread_name_prefix="czsl-resample") if threads > 1 else None)
+    return _POOL[1], _POOL[2]
 
 
 def _resample_torch(pixels, boxes, sizes, out_size, keep, filt) -> Tensor:

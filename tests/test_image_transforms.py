@@ -155,3 +155,22 @@ def test_the_crop_sampler_is_the_direct_one_only_if_the_probe_agrees(monkeypatch
         assert torch.equal(torch.get_rng_state(), before)  # the probe draws on a forked generator
     finally:
         image_transforms.crop_sampler.cache_clear()
+
+
+def test_threaded_pillow_resampling_gives_the_single_threaded_bytes(monkeypatch):
+    import os
+
+    rng = np.random.default_rng(3)
+    canvas = torch.from_numpy(rng.integers(0, 256, (12, 240, 320, 3), dtype=np.uint8))
+    boxes = [(int(t), int(l), 200, 260) for t, l in rng.integers(0, 40, (12, 2))]
+    sizes, keep = [(224, 291)] * 12, [(0, 33)] * 12
+    monkeypatch.setattr(image_transforms, "_POOL", (os.getpid(), 1, None))
+    single = resample(canvas, boxes, sizes, (224, 224), keep, backend="pillow")
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        monkeypatch.setattr(image_transforms, "_POOL", (os.getpid(), 4, pool))
+        threaded = resample(canvas, boxes, sizes, (224, 224), keep, backend="pillow")
+    assert torch.equal(single, threaded)
+    monkeypatch.setattr(image_transforms, "_POOL", (-1, 4, None))  # a forked child rebuilds its pool
+    assert image_transforms._resample_pool()[0] == min(4, __import__("czsl_bench.loading").loading.available_cores())
