@@ -44,8 +44,8 @@ class DecodedSplit(torch.utils.data.Dataset):
     Loaders collate with :meth:`collate` (the batch is built in ``__getitems__``) and call
     ``device_transform(batch, device)``, which returns ``(images [B, C, S, S] float32, labels,
     indices)`` on the device: what the PIL path yields. That is two stages, ``plan_batch`` (the
-    random crops) and ``finish_batch`` (resampling), so that the trainer can finish the next
-    batch in a background thread. Items draw no randomness (``pure_items``): training crops are
+    random crops) and ``finish_batch`` (resampling), so that the trainer draws the next batch's
+    crops where the PIL path would and can finish it in a background thread (on CUDA). Items draw no randomness (``pure_items``): training crops are
     drawn per batch, in the main process, in batch order.
     """
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -24,30 +26,8 @@ from czsl_bench.methods.cluspro import (
 from czsl_bench.methods.three_path_model import Disentangler, ThreePathModel, ThreePathSpec
 from czsl_bench.training import Trainer
 
-ATTRS = ["red", "wet", "old", "Faux.Fur"]
-OBJS = ["apple", "cup", "ankle_boots"]
-TRAIN_PAIRS = [("red", "apple"), ("wet", "cup"), ("old", "apple"), ("Faux.Fur", "ankle_boots"), ("red", "cup")]
-ALL_PAIRS = sorted(TRAIN_PAIRS + [("wet", "apple"), ("old", "cup")])
-
-
-class _Split:
-    """The parts of a czsl_bench Split the three-path methods read."""
-
-    def __init__(self, n_images: int, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.name, self.world = "train", "closed"
-        self.pairs = ALL_PAIRS
-        self.pair_attr = torch.tensor([ATTRS.index(a) for a, _ in ALL_PAIRS])
-        self.pair_obj = torch.tensor([OBJS.index(o) for _, o in ALL_PAIRS])
-        train_cols = [ALL_PAIRS.index(p) for p in TRAIN_PAIRS]
-        self.labels = torch.tensor(train_cols)[torch.randint(len(train_cols), (n_images,), generator=g)]
-        self.images = torch.randn(n_images, 3, 64, 64, generator=g)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def dataset(self, transform=None):
-        return torch.utils.data.TensorDataset(self.images, self.labels, torch.arange(len(self.labels)))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixtures.tiny_three_path import ALL_PAIRS, ATTRS, OBJS, TRAIN_PAIRS, TinySplit  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +45,7 @@ def _method(cls, backbone_factory, split=None, **overrides):
     torch.manual_seed(0)
     cfg = resolve_config(cls.Config, "synthetic", overrides)
     method = cls(cfg)
-    split = split or _Split(8)
+    split = split or TinySplit(8)
     ctx = _ctx(backbone_factory(), cfg, split)
     with torch.no_grad():
         method.prepare(ctx)
@@ -279,7 +259,7 @@ def test_pcl_targets_in_the_method_index_their_own_block(backbone_factory, monke
 
 
 def test_inference_ignores_the_prototypes_and_equals_the_base(backbone_factory):
-    split = _Split(6, seed=3)
+    split = TinySplit(6, seed=3)
     full, ctx, _ = _method(ClusPro, backbone_factory, split=split)
     base, ctx_b, _ = _method(ClusProBase, backbone_factory, split=split)
     base.model.load_state_dict(full.model.state_dict())
@@ -320,7 +300,7 @@ def test_prompt_and_vocabulary_initialisation(backbone_factory):
     # "Faux.Fur" -> "faux fur": the mean of its BPE token embeddings
     ids = bb.tokenize(["faux fur"], context_length=8)[0]
     eot = int(bb.eot_index(ids[None])[0])
-    torch.testing.assert_close(model.vocabulary[3].detach(), bb.token_embedding(ids[1:eot]).mean(0))
+    torch.testing.assert_close(model.vocabulary[ATTRS.index("Faux.Fur")].detach(), bb.token_embedding(ids[1:eot]).mean(0))
     # adapters start as a no-op: the adapted feature is the frozen CLIP feature
     images = torch.randn(2, 3, 64, 64)
     model.eval()

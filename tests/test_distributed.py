@@ -30,37 +30,13 @@ import torch.multiprocessing as mp
 
 from czsl_bench import distributed
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixtures.tiny_three_path import ATTRS, OBJS, TRAIN_PAIRS, TinySplit  # noqa: E402
+
 ATOL = 2e-5  # float32 parameters after a few Adam steps; observed differences are ~1e-7
 
-ATTRS = ["red", "wet", "old", "Faux.Fur"]
-OBJS = ["apple", "cup", "ankle_boots"]
-TRAIN_PAIRS = [("red", "apple"), ("wet", "cup"), ("old", "apple"), ("Faux.Fur", "ankle_boots"), ("red", "cup")]
-ALL_PAIRS = sorted(TRAIN_PAIRS + [("wet", "apple"), ("old", "cup")])
 
-
-# -- tiny data ---------------------------------------------------------------------------------
-class _Split:
-    """The parts of a czsl_bench Split that CSP and the three-path methods read."""
-
-    def __init__(self, n_images: int, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.name, self.world = "train", "closed"
-        self.pairs = ALL_PAIRS
-        self.pair_attr = torch.tensor([ATTRS.index(a) for a, _ in ALL_PAIRS])
-        self.pair_obj = torch.tensor([OBJS.index(o) for _, o in ALL_PAIRS])
-        self.seen_mask = torch.tensor([p in TRAIN_PAIRS for p in ALL_PAIRS])
-        train_cols = [ALL_PAIRS.index(p) for p in TRAIN_PAIRS]
-        self.labels = torch.tensor(train_cols)[torch.randint(len(train_cols), (n_images,), generator=g)]
-        self.images = torch.randn(n_images, 3, 64, 64, generator=g)
-        self.features = torch.randn(n_images, 128, generator=g)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def dataset(self, transform=None):
-        return torch.utils.data.TensorDataset(self.images, self.labels, torch.arange(len(self.labels)))
-
-
+# -- tiny data (tests/fixtures/tiny_three_path.py) -----------------------------------------------
 def _build(method_name: str, overrides: list[str], n_images: int):
     from czsl_bench.backbone import load_backbone
     from czsl_bench.config import resolve_config
@@ -71,7 +47,7 @@ def _build(method_name: str, overrides: list[str], n_images: int):
     torch.manual_seed(0)
     cfg = resolve_config(cls.Config, "synthetic", overrides)
     method = cls(cfg)
-    split = _Split(n_images)
+    split = TinySplit(n_images, feature_dim=128)
     backbone = load_backbone("czsl-tiny-vit", None, device="cpu")
     data = SimpleNamespace(attrs=ATTRS, objs=OBJS, train_pairs=TRAIN_PAIRS, split=lambda *a, **k: split)
     ctx = SimpleNamespace(dataset_name="tiny", dataset=data, backbone=backbone, config=cfg, seed=0,
