@@ -198,7 +198,7 @@ def _resample_pillow(pixels, boxes, sizes, out_size, keep, filt) -> Tensor:
 
 _POOL: tuple[int, int, ThreadPoolExecutor | None] | None = None
 # below this (crop + resized pixels per image) the threads' turns at the GIL cost more than the
-# resampling they share: 64 px images resample 1.4x slower on 2 threads, 224 px photos 2x faster
+# resampling they share: 64 px images resample 1.4x slower on 2 threads, 224 px photos 1.4-2x faster
 _THREADED_PIXELS = 2 * 128 * 128
 
 
@@ -208,7 +208,7 @@ def _resample_pool() -> tuple[int, ThreadPoolExecutor | None]:
 
     Pillow releases the GIL while it resamples, and the trainer resamples on the CPU while the
     step waits for the batch (czsl_bench.loading.BatchFeed), so the cores are otherwise idle:
-    2 threads on 2 cores resample batches of 320x240 photos to 224 px 2.0x faster (64 px images
+    2 threads on 2 cores resample batches of 320x240 photos to 224 px 1.4-2.0x faster (64 px images
     stay on one thread, see ``_THREADED_PIXELS``). A forked DataLoader worker builds its own pool.
     """
     global _POOL
