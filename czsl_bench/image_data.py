@@ -45,8 +45,9 @@ class DecodedSplit(torch.utils.data.Dataset):
     ``device_transform(batch, device)``, which returns ``(images [B, C, S, S] float32, labels,
     indices)`` on the device: what the PIL path yields. That is two stages, ``plan_batch`` (the
     random crops) and ``finish_batch`` (resampling), so that the trainer draws the next batch's
-    crops where the PIL path would and can finish it in a background thread (on CUDA). Items draw no randomness (``pure_items``): training crops are
-    drawn per batch, in the main process, in batch order.
+    crops where the PIL path would and can finish it in a background thread (on CUDA). Items
+    draw no randomness (``pure_items``): training crops are drawn per batch, in the main process,
+    in batch order.
     """
 
     pure_items = True
@@ -86,7 +87,8 @@ class DecodedSplit(torch.utils.data.Dataset):
         draw = getattr(self.transform, "draw_boxes", None)
         return batch, (draw(batch.sizes.tolist()) if draw is not None else None)
 
-    def finish_batch(self, planned: tuple[ImageBatch, list | None], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    def finish_batch(self, planned: tuple[ImageBatch, list | None],
+                     device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """``(images [B, C, S, S] float32, labels, indices)`` on ``device`` from a planned batch:
         no randomness, so any thread may run it (czsl_bench.loading.BatchFeed)."""
         batch, boxes = planned
