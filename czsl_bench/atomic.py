@@ -26,7 +26,7 @@ import stat
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-__all__ = ["DiskFullError", "atomic_file", "atomic_path", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["DiskFullError", "atomic_file", "atomic_path", "atomic_write_bytes", "atomic_write_text", "exclusive_lock"]
 
 _DISK_FULL = tuple(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code is not None)
 
@@ -106,6 +106,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _raise_if_disk_full(exc, target)
         raise
     _fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (created if missing) while the block runs, so
+    that processes sharing a cache build an entry once. Without POSIX locks it only yields: the
+    atomic writes above still keep every entry whole, at the price of building it twice."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 class _RecordingFile:

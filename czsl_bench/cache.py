@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from czsl_bench.atomic import atomic_path
+from czsl_bench.atomic import atomic_path, exclusive_lock
 from czsl_bench.hashing import tensors_sha256
 
 __all__ = ["CACHE_FORMAT_VERSION", "CacheEntry", "FeatureCache", "Progress", "default_cache_root"]
@@ -189,29 +189,13 @@ class FeatureCache:
         hit = self.get(key)
         if hit is not None:
             return hit
-        with self._lock(key):
+        with exclusive_lock(self.path(key).with_suffix(".lock")):
             hit = self.get(key)  # another process may have finished while we waited
             if hit is not None:
                 return hit
             tensors = dict(compute())
             self.put(key, tensors, meta=meta, parts=parts)
         return {k: v.detach().to("cpu") for k, v in tensors.items()}
-
-    @contextlib.contextmanager
-    def _lock(self, key: str) -> Iterator[None]:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: atomic replace alone keeps entries whole
-            yield
-            return
-        lock_path = self.path(key).with_suffix(".lock")
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "a+") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     # ---- listing and removal ---------------------------------------------------------------
     def entries(self) -> list[CacheEntry]:

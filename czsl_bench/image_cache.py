@@ -37,7 +37,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from czsl_bench.cache import CacheEntry, default_cache_root
-from czsl_bench.atomic import atomic_file, atomic_write_text
+from czsl_bench.atomic import atomic_file, atomic_write_text, exclusive_lock
 from czsl_bench.hashing import canonical_json, sha256_file
 
 __all__ = ["DecodedImages", "IMAGE_CACHE_FORMAT", "ImageCache", "decode_split", "split_parts"]
@@ -229,7 +229,7 @@ class ImageCache:
         hit = self.get(key)
         if hit is not None:
             return hit
-        with self._lock(key):
+        with exclusive_lock(self.path(key).with_suffix(".lock")):
             hit = self.get(key)  # another process may have built it while we waited
             if hit is not None:
                 return hit
@@ -267,22 +267,6 @@ class ImageCache:
             writer.abort()
             shutil.rmtree(folder, ignore_errors=True)
             raise
-
-    @contextlib.contextmanager
-    def _lock(self, key: str) -> Iterator[None]:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: the index written last still keeps entries whole
-            yield
-            return
-        lock_path = self.path(key).with_suffix(".lock")
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "a+") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     # ---- listing and removal -------------------------------------------------------------------
     def entries(self) -> list[CacheEntry]:
