@@ -29,3 +29,27 @@ def private_metadata_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CZSL_CACHE", str(tmp_path_factory.getbasetemp() / "czsl-cache"))
         yield
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The toy world on disk (tests/fixtures/toy_world.py), loaded through its plugin. Modules
+    with another kind of ``world`` define their own."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from fixtures.toy_world import ToyPlugin, write_toy_world
+
+    return ToyPlugin(write_toy_world(tmp_path_factory.mktemp("toy"))).load()
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    """The tiny CLIP with random weights (seed 0). Modules with another ``backbone`` define their own."""
+    import torch
+
+    from czsl_bench.backbone import load_backbone
+
+    torch.manual_seed(0)
+    return load_backbone("czsl-tiny-vit", None, device="cpu")

@@ -21,20 +21,12 @@ from czsl_bench.methods.clip import CLIPZeroShot
 from czsl_bench.methods.lazsl import (LaZSL, LaZSLConfig, crop_views, descriptor_heatmap, grid_boxes, image_rng,
                                       random_boxes, random_descriptors, sinkhorn_plan)
 from czsl_bench.registry import METHODS
-from fixtures.toy_world import ToyPlugin, registered_toy_dataset, write_toy_world
+from fixtures.toy_world import registered_toy_dataset
 
 TINY = dict(backbone="czsl-tiny-vit", pretrained="none")
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return ToyPlugin(write_toy_world(tmp_path_factory.mktemp("toy"))).load()
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    torch.manual_seed(0)
-    return load_backbone("czsl-tiny-vit", None, device="cpu")
+# world, backbone: tests/conftest.py
 
 
 def make(world, backbone, seed=0, **overrides):

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from czsl_bench.backbone import load_backbone
 from czsl_bench.method import RunContext, check_method_class, parameter_counts
 from czsl_bench.methods.clip import CLIPConfig, CLIPZeroShot
 from czsl_bench.methods.coop import CoOp, CoOpConfig
@@ -17,18 +16,10 @@ from czsl_bench.methods.csp import CSP, CSPConfig
 from czsl_bench.names import clean_name
 from czsl_bench.seeding import seed_everything
 from czsl_bench.training import Trainer
-from fixtures.toy_world import ToyPlugin, write_toy_world
+from fixtures.toy_world import ToyPlugin
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return ToyPlugin(write_toy_world(tmp_path_factory.mktemp("toy"))).load()
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    torch.manual_seed(0)
-    return load_backbone("czsl-tiny-vit", None, device="cpu")
+# world, backbone: tests/conftest.py
 
 
 def make(method_cls, world, backbone, **overrides):

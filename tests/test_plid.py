@@ -19,7 +19,7 @@ from czsl_bench.methods.plid import (PLID, CrossAttention, PLIDConfig, ViewImage
                                      gaussian_upper_bound, grouped_upper_bound, object_groups,
                                      partial_smoothing_targets, sample_lambda, soft_cross_entropy, view_transform)
 from czsl_bench.registry import METHODS
-from fixtures.toy_world import ATTRS, OBJS, ToyPlugin, registered_toy_dataset, write_toy_world
+from fixtures.toy_world import ATTRS, OBJS, registered_toy_dataset
 
 TINY = dict(backbone="czsl-tiny-vit", pretrained="none")
 
@@ -150,15 +150,7 @@ def test_plid_is_registered_and_satisfies_the_contract():
 # ---------------------------------------------------------------------------------------------
 # Views
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return ToyPlugin(write_toy_world(tmp_path_factory.mktemp("toy"))).load()
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    torch.manual_seed(0)
-    return load_backbone("czsl-tiny-vit", None, device="cpu")
+# world, backbone: tests/conftest.py
 
 
 def test_seeded_views_are_the_same_every_time_and_random_views_are_not(world, backbone):
